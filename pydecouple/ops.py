@@ -1,0 +1,176 @@
+"""Public ops: ``gated_conv2d`` and its registration as ``torch.ops.pydecouple``.
+
+Layering (a reader finds each level by name)::
+
+    pydecouple.ops.gated_conv2d            argument checking and normalisation (this file)
+      -> torch.ops.pydecouple.gated_conv2d   the registered op: fake impl, autograd
+        -> pydecouple._backend.run           picks cpu / triton / cuda / dense / reference
+          -> torch.ops.pydecouple.gated_conv2d_cpu   (C++, csrc/cpu)  and friends
+
+The registered op always takes a batched input and explicit four-sided padding;
+the Python function accepts everything ``F.conv2d`` accepts and maps it there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _backend
+from ._validate import normalize_conv_args
+
+__all__ = ["gated_conv2d", "masks_to_indices"]
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+@torch.library.custom_op("pydecouple::gated_conv2d", mutates_args=())
+def _gated_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_mask: Optional[torch.Tensor],
+    in_mask: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> torch.Tensor:
+    return _backend.run(x, weight, bias, out_mask, in_mask, tuple(stride), tuple(padding), tuple(dilation), groups, relu)
+
+
+def _out_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation):
+    top, bottom, left, right = padding
+    ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+@_gated_conv2d_op.register_fake
+def _(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
+    n, _, h, w = x.shape
+    ho, wo = _out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    return x.new_empty((n, weight.shape[0], ho, wo))
+
+
+@torch.library.custom_op("pydecouple::gated_conv2d_backward", mutates_args=())
+def _gated_conv2d_backward_op(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out_mask: Optional[torch.Tensor],
+    in_mask: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x, weight and bias. Correct, not fast: it runs the dense
+    convolution backward on the masked problem (the forward is where the
+    skipping pays; training uses the dense masked path anyway, METHOD.md)."""
+    g = grad_out
+    if out_mask is not None:
+        g = g * out_mask[:, :, None, None].to(g.dtype)
+    if relu:
+        g = g * (out > 0).to(g.dtype)
+    xin = x
+    if in_mask is not None:
+        xin = torch.where(in_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    top, bottom, left, right = padding
+    xp = torch.nn.functional.pad(xin, (left, right, top, bottom)) if any(padding) else xin
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        g.contiguous(), xp, weight, [weight.shape[0]], list(stride), [0, 0], list(dilation),
+        False, [0, 0], groups, [True, True, True],
+    )
+    h, w = x.shape[2], x.shape[3]
+    gx = gx[:, :, top:top + h, left:left + w]
+    if in_mask is not None:
+        gx = gx * in_mask[:, :, None, None].to(gx.dtype)
+    return gx.contiguous(), gw, gb
+
+
+@_gated_conv2d_backward_op.register_fake
+def _(grad_out, out, x, weight, out_mask, in_mask, stride, padding, dilation, groups, relu):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(x, weight, out_mask, in_mask, output if relu else None)
+    ctx.conv = (tuple(stride), tuple(padding), tuple(dilation), groups, relu)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, out_mask, in_mask, out = ctx.saved_tensors
+    stride, padding, dilation, groups, relu = ctx.conv
+    if out is None:
+        out = grad_out  # unused when relu is False; any tensor fits the schema
+    gx, gw, gb = _gated_conv2d_backward_op(
+        grad_out, out, x, weight, out_mask, in_mask, stride, padding, dilation, groups, relu
+    )
+    return gx, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None, None
+
+
+_gated_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_mask: Optional[torch.Tensor] = None,
+    in_mask: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: Union[IntOrPair, str] = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    *,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Convolution in which each sample computes only its kept filters.
+
+    Exactly ``F.conv2d(x * in_mask, weight, bias, stride, padding, dilation,
+    groups) * out_mask``, but a sample's cost is proportional to its kept input
+    channels times its kept output filters.
+
+    Args:
+        x: (N, Cin, H, W) or unbatched (Cin, H, W); contiguous or channels_last.
+        weight: (Cout, Cin // groups, KH, KW).
+        bias: (Cout,) or None. Deselected outputs get no bias: they are exactly 0.
+        out_mask: bool (N, Cout), or (Cout,) for unbatched input; None = all on.
+        in_mask: bool (N, Cin), or (Cin,) for unbatched input; None = all on.
+            Channels that are off are read as zero whatever ``x`` holds there.
+        stride, dilation: int or pair. padding: int, pair, ``'same'`` or ``'valid'``.
+        groups: as in ``F.conv2d`` (depthwise included).
+        relu: fused epilogue ``mask * relu(conv + bias)``, what a folded
+            conv-BN-ReLU block needs at inference.
+
+    Returns:
+        (N, Cout, Ho, Wo), or (Cout, Ho, Wo) for unbatched input.
+
+    Raises:
+        ValueError / TypeError naming the argument, what was expected and what
+        was given, before any kernel runs.
+    """
+    a = normalize_conv_args(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
+    out = _gated_conv2d_op(
+        a.x, weight, bias, a.out_mask, a.in_mask, a.stride, a.padding, a.dilation, groups, bool(relu)
+    )
+    return out.squeeze(0) if a.unbatched else out
+
+
+def masks_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row index lists of the kept channels, kept first, and their counts.
+
+    ``mask``: bool (N, C). Returns ``idx`` int32 (N, C) whose first ``count[n]``
+    entries are the kept channels of row n in increasing order (the rest are
+    the others, also in order), and ``count`` int32 (N,). Made with device ops
+    only (a stable sort), no host synchronisation: safe under CUDA graphs.
+    """
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    return order.to(torch.int32), mask.sum(dim=1, dtype=torch.int32)
