@@ -55,6 +55,25 @@ def _(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, rel
     return x.new_empty((n, weight.shape[0], ho, wo))
 
 
+def _register_kernel_fakes() -> None:
+    """Fake implementations of the compiled per-device kernels, so that code
+    calling them directly (the accelerated inference path does, to skip the
+    Python dispatch) still traces under torch.compile."""
+    for name in ("gated_conv2d_cpu", "gated_conv2d_cuda"):
+        if hasattr(torch.ops.pydecouple, name):
+            torch.library.register_fake(f"pydecouple::{name}")(_fake_kernel)
+
+
+def _fake_kernel(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
+    n, _, h, w = x.shape
+    ho, wo = _out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    return x.new_empty((n, weight.shape[0], ho, wo))
+
+
+if _backend.extension_available():
+    _register_kernel_fakes()
+
+
 @torch.library.custom_op("pydecouple::gated_conv2d_backward", mutates_args=())
 def _gated_conv2d_backward_op(
     grad_out: torch.Tensor,

@@ -4,6 +4,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2")
 #define PYDECOUPLE_HAVE_AVX512_BUILD 1
+#include <immintrin.h>
+#define MICROKERNEL_SPLAT16 _mm512_set1_ps
+#define MICROKERNEL_SPLAT8 _mm256_set1_ps
 #endif
 
 #define MICROKERNEL_NS avx512

@@ -4,6 +4,9 @@
 
 #include <cstring>
 
+// Vectors never cross a non-inline call here; the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include "microkernel.h"
 
 namespace pydecouple {
@@ -21,6 +24,23 @@ typedef float vf8_u __attribute__((vector_size(8 * sizeof(float)), aligned(4)));
 template <int VL> struct Vec;
 template <> struct Vec<16> { using T = vf16; using U = vf16_u; };
 template <> struct Vec<8> { using T = vf8; using U = vf8_u; };
+
+// A broadcast from memory. The AVX-512 build defines MICROKERNEL_SPLAT16/8
+// with intrinsics (one vbroadcastss each); GCC's generic lowering of a
+// vector literal goes through a scalar register and an insert, and `vf{} + s`
+// adds 0.0f first (without -ffast-math it must keep -0.0 + 0.0).
+template <typename vf, int VL>
+static inline vf splat(const float* p) {
+#if defined(MICROKERNEL_SPLAT16)
+  if constexpr (VL == 16) return (vf)MICROKERNEL_SPLAT16(*p);
+  else return (vf)MICROKERNEL_SPLAT8(*p);
+#else
+  vf v;
+#pragma GCC unroll 16
+  for (int i = 0; i < VL; ++i) v[i] = *p;
+  return v;
+#endif
+}
 
 // KK > 0: taps known at compile time (fully unrolled); KK == 0: a run-time count.
 template <int VL, int MR, int NV, int KK>
@@ -49,7 +69,7 @@ static void tile(const TileArgs& a) {
       for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vfu*>(xt + v * VL);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const vf wv = vf{} + w[r][co + t];
+        const vf wv = splat<vf, VL>(w[r] + co + t);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[r][v] += wv * xv[v];
       }
