@@ -24,13 +24,10 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, machine_header, markdown_table, median_times, write_csv  # noqa: E402
-
-import pydecouple  # noqa: E402
+import pydecouple
+from pydecouple.benchmarking import bench_layer, machine_description, machine_header, markdown_table, write_csv
 
 # (name, Cin, Cout, H, kernel): VGG-16's 3x3 layers on 32x32 CIFAR inputs (the
 # first conv, 3 -> 64, is never gated), then ResNet-style ImageNet layers.
@@ -54,52 +51,6 @@ RESNET_IMAGENET = [
     ("resnet 256 14x14 1x1", 256, 256, 14, 1),
     ("resnet 512 7x7 1x1", 512, 512, 7, 1),
 ]
-
-
-def fixed_count_mask(n: int, c: int, f: float, gen: torch.Generator) -> torch.Tensor:
-    k = max(1, round(c * f))
-    m = torch.zeros(n, c, dtype=torch.bool)
-    for i in range(n):
-        m[i, torch.randperm(c, generator=gen)[:k]] = True
-    return m
-
-
-def bench_layer(name, cin, cout, h, k, batch, f, repeats, gen):
-    pad = k // 2
-    x = torch.randn(batch, cin, h, h, generator=gen)
-    w = torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5
-    b = torch.randn(cout, generator=gen)
-    om, im = fixed_count_mask(batch, cout, f, gen), fixed_count_mask(batch, cin, f, gen)
-    ki, ko = int(im[0].sum()), int(om[0].sum())
-    x_cut, w_cut = torch.randn(batch, ki, h, h, generator=gen), torch.randn(ko, ki, k, k, generator=gen)
-    omf = om[:, :, None, None].float()
-    kernel = torch.ops.pydecouple.gated_conv2d_cpu
-
-    def dense():
-        return F.conv2d(x, w, b, padding=pad) * omf
-
-    def gated():
-        return pydecouple.gated_conv2d(x, w, b, om, im, padding=pad)
-
-    def forced():
-        return kernel(x, w, b, om, im, [1, 1], [pad] * 4, [1, 1], 1, False)
-
-    def cut():
-        return F.conv2d(x_cut, w_cut, padding=pad)
-
-    torch.testing.assert_close(forced(), pydecouple.reference.gated_conv2d_reference(
-        x, w, b, om, im, (1, 1), (pad,) * 4, (1, 1), 1), atol=1e-3, rtol=1e-3)
-    t_dense, t_gated, t_kernel, t_cut = median_times([dense, gated, forced, cut], repeats=repeats, min_time=0.02)
-    backend = pydecouple._backend.choose(x, w, om, im, 1)
-    flops_dense = 2.0 * batch * cin * cout * k * k * h * h
-    return {
-        "layer": name, "batch": batch, "f": f, "kept_in": ki, "kept_out": ko,
-        "dense_ms": t_dense * 1e3, "gated_ms": t_gated * 1e3, "kernel_ms": t_kernel * 1e3, "cut_ms": t_cut * 1e3,
-        "speedup": t_dense / t_gated, "kernel_speedup": t_dense / t_kernel, "ideal": (cin * cout) / (ki * ko),
-        "cut_limit": t_dense / t_cut, "backend": backend,
-        "dense_gflops": flops_dense / t_dense / 1e9,
-        "kernel_gflops": flops_dense * ki * ko / (cin * cout) / t_kernel / 1e9,
-    }
 
 
 def summarize(rows, layers):
