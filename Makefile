@@ -9,6 +9,7 @@ EXT    := build/.ext-stamp
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 NVCC   ?= $(shell command -v nvcc 2>/dev/null)
 OUT    ?= demo-out
+DATA   ?= digits
 
 .PHONY: test demo bench bench-model cuda-compile-check lint clean help
 
@@ -43,7 +44,7 @@ test: $(EXT) cuda-compile-check
 	$(PY) -m pytest -q tests
 
 demo: $(EXT)
-	$(PY) -m pydecouple demo --out $(OUT)
+	$(PY) -m pydecouple demo --data $(DATA) --out $(OUT)
 
 bench: $(EXT)
 	$(PY) benchmarks/bench_gated_conv.py

@@ -36,7 +36,7 @@ def _want_cuda():
 
 
 cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/registration.cpp"]
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-DNDEBUG"]
+cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-DNDEBUG"]
 if os.environ.get("PYDECOUPLE_ASAN") == "1":
     cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"]
 link_flags = ["-fopenmp"] + (["-fsanitize=address"] if os.environ.get("PYDECOUPLE_ASAN") == "1" else [])

@@ -38,7 +38,16 @@ def _gated_conv2d_op(
     groups: int,
     relu: bool,
 ) -> torch.Tensor:
-    return _backend.run(x, weight, bias, out_mask, in_mask, tuple(stride), tuple(padding), tuple(dilation), groups, relu)
+    out = _backend.run(x, weight, bias, out_mask, in_mask, tuple(stride), tuple(padding), tuple(dilation), groups, relu)
+    # One output layout whatever the backend, the one the fake promises.
+    return out.contiguous(memory_format=_output_format(x))
+
+
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last out exactly when x is channels_last-strided and not contiguous (as F.conv2d does)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _out_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation):
@@ -52,7 +61,7 @@ def _out_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation):
 def _(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
     n, _, h, w = x.shape
     ho, wo = _out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return x.new_empty((n, weight.shape[0], ho, wo))
+    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_output_format(x))
 
 
 def _register_kernel_fakes() -> None:
@@ -67,7 +76,7 @@ def _register_kernel_fakes() -> None:
 def _fake_kernel(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
     n, _, h, w = x.shape
     ho, wo = _out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return x.new_empty((n, weight.shape[0], ho, wo))
+    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_output_format(x))
 
 
 if _backend.extension_available():

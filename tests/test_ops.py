@@ -224,11 +224,14 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.pydecouple.gated_conv2d.default, args)
 
 
-def test_compile_fullgraph_no_recompile_when_masks_change():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compile_fullgraph_no_recompile_when_masks_change(channels_last):
     import torch._dynamo
 
     torch._dynamo.reset()
     x, w, b = torch.randn(2, 6, 8, 8), torch.randn(5, 6, 3, 3), torch.randn(5)
+    if channels_last:  # the fake must promise the layout the kernels return
+        x = x.to(memory_format=torch.channels_last)
 
     @torch.compile(fullgraph=True, dynamic=False)
     def f(x, om, im):

@@ -187,7 +187,9 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor out_mask = check_mask(out_mask_in, "out_mask", g.Cout);
   const at::Tensor in_mask = check_mask(in_mask_in, "in_mask", g.Cin);
 
-  const bool channels_last = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  // channels_last out exactly when x is channels_last-strided and not contiguous
+  // (the rule of every backend and of the fake in pydecouple/ops.py).
+  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
   at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x_in.options().memory_format(
                                                          channels_last ? at::MemoryFormat::ChannelsLast
                                                                        : at::MemoryFormat::Contiguous));
@@ -307,8 +309,12 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
         const int nv = static_cast<int>(t == g.ntiles - 1 ? g.nv_last : g.nv);
         const int64_t qend = std::min(g.npos, q0 + nv * g.vl);
         a.x = xbase + q0;
-        for (int64_t f0 = item.f_begin; f0 < item.f_end; f0 += kMaxMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMaxMR, item.f_end - f0));
+        // Split the item's filters into equal register tiles (8 -> 4 + 4, not
+        // 6 + 2): a narrow tile pays the same loads for fewer FMAs.
+        const int64_t nf = item.f_end - item.f_begin;
+        const int64_t nblocks = (nf + kMaxMR - 1) / kMaxMR;
+        for (int64_t blk = 0, f0 = item.f_begin; blk < nblocks; ++blk) {
+          const int mr = static_cast<int>(nf / nblocks + (blk < nf % nblocks ? 1 : 0));
           for (int r = 0; r < mr; ++r) wrows[r] = wp + filters[f0 + r] * wrow;
           fns[mr][nv](a);
           // Epilogue: row segments of the (Ho x Wq) grid that fall inside Wo.
@@ -332,6 +338,7 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
               q += seg;
             }
           }
+          f0 += mr;
         }
       }
     }
