@@ -9,9 +9,11 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+import copy
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -147,3 +149,127 @@ def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: f
         "dense_gflops": flops_dense / t_dense / 1e9,
         "kernel_gflops": flops_dense * ki * ko / (cin * cout) / t_kernel / 1e9,
     }
+
+
+# ----------------------------------------------------------------------------- models: dense vs accelerated
+
+PROVIDERS = ["dense", "dense folded", "decoupled masked-dense", "accelerated masked-dense", "accelerated",
+             "accelerated all-on"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def masked_dense(decoupled: nn.Module) -> nn.Module:
+    """The decoupled model's eval forward with dense kernels (conv, then mask)."""
+    from .nn.modules import GatedConv2d
+
+    m = copy.deepcopy(decoupled).eval()
+    for mod in m.modules():
+        if isinstance(mod, GatedConv2d):
+            mod.use_sparse_op = False
+    return m
+
+
+def all_gates_on(decoupled: nn.Module) -> nn.Module:
+    """A copy whose ACMs still run but whose every logit is far above 0."""
+    from .nn import gate_modules
+
+    m = copy.deepcopy(decoupled).eval()
+    with torch.no_grad():
+        for _, g in gate_modules(m):
+            g.fc2.bias.add_(1e4)
+    return m
+
+
+def _cycle(model: nn.Module, batches: Sequence[torch.Tensor]):
+    state = {"i": 0}
+
+    @torch.no_grad()
+    def run():
+        x = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        return model(x)
+
+    return run
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
+    correct = 0
+    for i in range(0, len(images), batch):
+        correct += int((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum())
+    return correct / max(len(images), 1)
+
+
+def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images: torch.Tensor,
+                     batch_sizes: Sequence[int] = (1, 32), repeats: int = 9, *, labels: Optional[torch.Tensor] = None,
+                     min_time: float = 0.2, flops_images: int = 512, compile: bool = False) -> List[Dict[str, object]]:
+    """Time the dense model against the accelerated decoupled model.
+
+    Args:
+        dense_model: the dense twin (eval mode is set on a copy).
+        decoupled_model: the decoupled model (not modified).
+        images: test images (N, C, H, W) in [0, 1], on the device to measure on.
+        batch_sizes: batch sizes to time; each provider cycles through
+            consecutive batches of ``images`` of that size (same images for all).
+        repeats: interleaved repeats (medians are reported).
+        labels: optional test labels: adds each provider's top-1 accuracy.
+        min_time: seconds each timed sample runs for (many calls at batch 1).
+        flops_images: images ``pydecouple.flops`` averages the FLOPs ratio over.
+        compile: also time ``torch.compile(fullgraph=True)`` of the dense-folded
+            and the accelerated model (minutes of compilation on 2 cores).
+
+    Returns:
+        One dict per (batch size, provider): provider, batch, latency_ms,
+        images_per_s, flops_ratio, ideal_speedup, speedup (against ``dense
+        folded``), speedup_vs_eager (against ``dense``), efficiency.
+    """
+    from .accelerate import accelerate
+    from .flops import flops
+
+    dense = copy.deepcopy(dense_model).eval()
+    dec = copy.deepcopy(decoupled_model).eval()
+    models = {
+        "dense": dense,
+        "dense folded": accelerate(dense),
+        "decoupled masked-dense": masked_dense(dec),
+        "accelerated masked-dense": accelerate(dec, use_kernel=False),
+        "accelerated": accelerate(dec),
+        "accelerated all-on": accelerate(all_gates_on(dec)),
+    }
+    providers = list(PROVIDERS)
+    if compile:
+        for p in ("dense folded", "accelerated"):
+            models[p + " compiled"] = torch.compile(accelerate(dense if p.startswith("dense") else dec),
+                                                    fullgraph=True, dynamic=False)
+            providers.append(p + " compiled")
+    ratio = flops(dec, images[:flops_images]).ratio
+    all_on_ratio = flops(all_gates_on(dec), images[:min(flops_images, 64)]).ratio
+    acc = {}
+    if labels is not None:
+        for name in ("dense", "accelerated", "decoupled masked-dense"):
+            acc[name] = accuracy(models[name], images, labels)
+        acc["dense folded"] = acc["dense"]
+        acc["accelerated masked-dense"] = acc["accelerated"]
+    rows: List[Dict[str, object]] = []
+    on_cuda = images.device.type == "cuda"
+    for b in batch_sizes:
+        if len(images) < b:  # too few images: repeat them to fill one batch
+            images = images.repeat((b + len(images) - 1) // len(images), 1, 1, 1)[:max(b, len(images))]
+        nb = max(1, min(len(images) // b, 64))
+        batches = [images[i * b:(i + 1) * b].contiguous() for i in range(nb)]
+        fns = [_cycle(models[p], batches) for p in providers]
+        if on_cuda:
+            fns = [_synced(f) for f in fns]
+        ts = median_times(fns, repeats=repeats, warmup=2, min_time=min_time)
+        t = dict(zip(providers, ts))
+        for p in providers:
+            fr = 1.0 if p.startswith("dense") else (all_on_ratio if p.endswith("all-on") else ratio)
+            sp = t["dense folded"] / t[p]
+            rows.append(dict(provider=p, batch=b, latency_ms=t[p] * 1e3, images_per_s=b / t[p], flops_ratio=fr,
+                             ideal_speedup=1.0 / fr, speedup=sp, speedup_vs_eager=t["dense"] / t[p],
+                             efficiency=sp * fr, accuracy=acc.get(p, float("nan"))))
+    return rows
+
+

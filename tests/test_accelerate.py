@@ -256,14 +256,9 @@ def test_trained_checkpoint():
 
 
 def test_benchmark_models_api():
-    """benchmarks/bench_model.py's function API (the demo imports it)."""
-    import sys
+    """pydecouple.benchmarking.benchmark_models (benchmarks/bench_model.py and the demo use it)."""
+    from pydecouple.benchmarking import PROVIDERS, benchmark_models
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench_model import PROVIDERS, benchmark_models
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     dense = build("tiny_cnn", in_channels=1).eval()
     dec = build("tiny_cnn", decoupled=True, in_channels=1)
     dec.load_state_dict(dense.state_dict(), strict=False)
