@@ -66,6 +66,8 @@ class ArchitectureControl(nn.Module):
         bias_init: b2 at init (``"open"`` only; the paper's is 1).
         w2_std: std of W2 at init (``"open"`` only).
         logit_norm: batch-normalise the logits (beta starts at ``bias_init``).
+        norm_gamma_init: gamma of the logit norm at init: the spread of a gate's
+            logit over inputs, relative to the noise (1) and the threshold (beta).
         detach_input: stop gradients from the gate into the layer's input, so
             L_S and L_MI train the ACMs (and CE trains the backbone through the
             gated outputs) without reshaping the backbone's features.
@@ -89,6 +91,7 @@ class ArchitectureControl(nn.Module):
         w2_std: float = 0.01,
         logit_norm: bool = False,
         detach_input: bool = True,
+        norm_gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -107,6 +110,7 @@ class ArchitectureControl(nn.Module):
         self.hard_fraction = 0.5
         self.init = init
         self.detach_input = detach_input
+        self.norm_gamma_init = float(norm_gamma_init)
         self.bias_init = float(bias_init)
         self.w2_std = float(w2_std)
         self.force_open = False
@@ -115,6 +119,18 @@ class ArchitectureControl(nn.Module):
         self.last_gate: Optional[torch.Tensor] = None
         self.last_pooled: Optional[torch.Tensor] = None  # GAP of the unmasked layer output (training), for L_KL
         self.reset_parameters()
+
+    _PER_FORWARD = ("last_logits", "last_mask", "last_gate", "last_pooled")
+
+    def __getstate__(self):
+        # The values of the last forward are a cache, not state: a copy or a
+        # pickle taken right after a training step would otherwise carry
+        # tensors with autograd history (which deepcopy refuses).
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        for k in self._PER_FORWARD:
+            state[k] = None
+        return state
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -131,6 +147,7 @@ class ArchitectureControl(nn.Module):
             if self.norm is not None:  # the scale of W2 no longer matters: make u's spread >> BN's eps
                 nn.init.kaiming_normal_(self.fc2.weight)
                 self.norm.reset_parameters()
+                self.norm.weight.fill_(self.norm_gamma_init)
                 self.norm.bias.fill_(self.bias_init)
                 self.fc2.bias.zero_()
 
