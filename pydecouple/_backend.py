@@ -7,7 +7,7 @@ tries them in priority order for the problem's device. ``PYDECOUPLE_BACKEND``
 backend that cannot run is an error listing its reason, never a silent fallback.
 
 Automatic choice adds one rule on top of priority: where gating cannot pay
-(nearly every channel kept, see :func:`gating_pays`) the ``dense`` backend runs,
+(most channels kept, see :func:`gating_threshold`) the ``dense`` backend runs,
 which is PyTorch's own convolution followed by the mask.
 """
 
@@ -24,9 +24,6 @@ from .reference import gated_conv2d_reference
 
 ENV_VAR = "PYDECOUPLE_BACKEND"
 
-# Above this kept fraction f_in * f_out the gathered problem is not worth it:
-# measured with benchmarks/bench_gated_conv.py (README, "CPU kernel").
-DENSE_ABOVE_KEPT_FRACTION = 0.80
 
 
 @dataclass
@@ -126,9 +123,30 @@ def _run_cuda(x, weight, bias, out_mask, in_mask, stride, padding, dilation, gro
     )
 
 
+def run_dense(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
+    """PyTorch's own convolution, then the mask: the fallback where gating cannot
+    pay. The same function as the reference, without its copies where a mask
+    has nothing to do (the reference always re-writes x and the output).
+    Whether a mask is all on is read on the CPU only (on CUDA it would sync)."""
+    on_cpu = x.device.type == "cpu"
+    if in_mask is not None and not (on_cpu and bool(in_mask.all())):
+        x = torch.where(in_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        out = torch.nn.functional.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+    else:
+        x = torch.nn.functional.pad(x, (left, right, top, bottom))
+        out = torch.nn.functional.conv2d(x, weight, bias, stride, 0, dilation, groups)
+    if relu:
+        out = out.relu_()
+    if out_mask is not None and not (on_cpu and bool(out_mask.all())):
+        out = out.masked_fill_(~out_mask[:, :, None, None], 0)
+    return out
+
+
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", _why_not_reference, gated_conv2d_reference),
-    "dense": Backend("dense", _why_not_reference, gated_conv2d_reference),
+    "dense": Backend("dense", _why_not_reference, run_dense),
     "cpu": Backend("cpu", _why_not_cpu, _run_cpu),
     "triton": Backend("triton", _why_not_triton, _run_triton),
     "cuda": Backend("cuda", _why_not_cuda, _run_cuda),
@@ -150,11 +168,30 @@ def kept_fraction(x: torch.Tensor, out_mask, in_mask) -> float:
     return fin * fout
 
 
+def gating_threshold(batch: int, hw: int) -> float:
+    """The kept fraction f_in * f_out below which the CPU kernel beats oneDNN's
+    dense convolution, from the crossover measured with
+    benchmarks/bench_gated_conv.py (README, "CPU kernel"): with all channels
+    kept the kernel runs at 0.5-0.9x of dense at batch 32 (at 0.4-0.7x on 4x4
+    and 2x2 images, where its vectors carry discarded positions), at about
+    0.6-1.8x at batch 1."""
+    if batch <= 4:
+        return 0.8
+    if hw <= 16:
+        return 0.45
+    return 0.6
+
+
+def kernel_pays(kept: float, batch: int, hw: int) -> bool:
+    """Whether the CPU kernel is expected to beat dense conv at this kept fraction."""
+    return kept <= gating_threshold(batch, hw)
+
+
 def gating_pays(x, weight, out_mask, in_mask, groups) -> bool:
     """Whether the gathered kernel can beat dense conv on this problem (CPU)."""
     if out_mask is None and in_mask is None:
         return False
-    return kept_fraction(x, out_mask, in_mask) <= DENSE_ABOVE_KEPT_FRACTION
+    return kernel_pays(kept_fraction(x, out_mask, in_mask), x.shape[0], x.shape[2] * x.shape[3])
 
 
 def requested() -> Optional[str]:

@@ -83,7 +83,7 @@ def gated_conv_infer(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     * float32 CPU tensors with the extension built: the compiled kernel
       ``torch.ops.pydecouple.gated_conv2d_cpu`` directly, unless gating cannot
       pay (``kept = f_in * f_out`` above
-      :data:`pydecouple._backend.DENSE_ABOVE_KEPT_FRACTION`, the rule of
+      :func:`pydecouple._backend.gating_threshold`, the rule of
       :func:`pydecouple._backend.gating_pays`), where dense ``F.conv2d`` + ReLU +
       mask runs. ``kept`` may be given (the caller knows its masks' counts);
       else ``gating_pays`` computes it. Under ``torch.compile`` the host-side
@@ -102,7 +102,7 @@ def gated_conv_infer(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             if torch.compiler.is_compiling():
                 pays = True
             elif kept is not None:
-                pays = kept <= _backend.DENSE_ABOVE_KEPT_FRACTION
+                pays = _backend.kernel_pays(kept, x.shape[0], x.shape[2] * x.shape[3])
             else:
                 pays = _backend.gating_pays(x, weight, out_mask, in_mask, groups)
             if pays:
@@ -116,20 +116,9 @@ def gated_conv_infer(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return torch.ops.pydecouple.gated_conv2d(x, weight, bias, out_mask, in_mask, stride, pad4, dilation, groups, relu)
 
 
-def _symmetric(pad4: Sequence[int]) -> bool:
-    return pad4[0] == pad4[1] and pad4[2] == pad4[3]
-
-
 def _dense_masked(x, weight, bias, out_mask, stride, pad4, dilation, groups, relu):
-    if _symmetric(pad4):
-        y = F.conv2d(x, weight, bias, stride, (pad4[0], pad4[2]), dilation, groups)
-    else:
-        y = F.conv2d(F.pad(x, (pad4[2], pad4[3], pad4[0], pad4[1])), weight, bias, stride, 0, dilation, groups)
-    if relu:
-        y = torch.relu_(y)
-    if out_mask is not None:
-        y = y.mul_(out_mask[:, :, None, None])
-    return y
+    # x's channels that the in-mask turns off are already zero here (see above).
+    return _backend.run_dense(x, weight, bias, out_mask, None, stride, pad4, dilation, groups, relu)
 
 
 def _refresh_backend_state() -> None:

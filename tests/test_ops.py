@@ -160,6 +160,25 @@ def test_dispatch_prefers_dense_when_everything_is_kept(monkeypatch):
     assert pydecouple._backend.choose(x, w, full, full, 1) == "dense"
     if pydecouple.extension_available():
         assert pydecouple._backend.choose(x, w, half, half, 1) == "cpu"
+    # At a larger batch the crossover is lower: 0.875 * 0.875 kept runs dense, 0.5 * 0.5 the kernel.
+    xb = torch.randn(32, 8, 5, 5)
+    most = torch.arange(8).expand(32, 8) < 7
+    halfb = torch.arange(8).expand(32, 8) < 4
+    assert pydecouple._backend.choose(xb, w, most, most, 1) == "dense"
+    if pydecouple.extension_available():
+        assert pydecouple._backend.choose(xb, w, halfb, halfb, 1) == "cpu"
+
+
+def test_dense_fallback_skips_masks_that_are_all_on():
+    """The dense route does not copy x or the output for all-on masks, and still zeroes what is off."""
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3), torch.randn(3)
+    full_in, full_out = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)
+    out = pydecouple._backend.run_dense(x, w, b, full_out, full_in, (1, 1), (1, 1, 1, 1), (1, 1), 1, False)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1))
+    om = full_out.clone()
+    om[1, 2] = False
+    out = pydecouple._backend.run_dense(x, w, b, om, full_in, (1, 1), (0, 1, 2, 0), (1, 1), 1, True)
+    assert torch.all(out[1, 2] == 0)
 
 
 def test_forced_backend_that_cannot_run_is_an_error(backend):
