@@ -312,3 +312,16 @@ def test_property_cpu_matches_reference(n, cin_g, cout_g, groups, kh, kw, h, w, 
 def test_extension_is_built():
     """make test builds the extension; its absence would hide the kernel from every test above."""
     assert pydecouple.extension_available(), pydecouple._backend._extension_error
+
+
+def test_eager_fast_path_equals_registered_op():
+    """Eager calls without autograd skip the registered op's wrapper; the result is the op's."""
+    x, w, b = torch.randn(3, 6, 9, 9), torch.randn(8, 6, 3, 3), torch.randn(8)
+    om, im = random_mask("random", 3, 8), random_mask("random", 3, 6)
+    fast = gated_conv2d(x, w, b, om, im, padding=1, relu=True)
+    via_op = torch.ops.pydecouple.gated_conv2d(x, w, b, om, im, [1, 1], [1, 1, 1, 1], [1, 1], 1, True)
+    assert torch.equal(fast, via_op)
+    xg = x.clone().requires_grad_()
+    out = gated_conv2d(xg, w, b, om, im, padding=1, relu=True)
+    assert out.grad_fn is not None, "with a tensor that requires grad the registered op (and its autograd) must run"
+    assert torch.equal(out.detach(), via_op)
