@@ -3,12 +3,13 @@
 // For each sample n and group g, with I = its kept input channels (ki of them)
 // and O = its kept filters (ko):
 //
-//   1. prepare: copy only the kept input channels into a zero-padded buffer Xc
-//      (one plane per channel and stride phase, see microkernel.h); zero the
-//      output planes of the deselected filters.            cost ~ ki * H * W
-//   2. compute: the register-tiled micro-kernel reads the kept filters' weights
+//   1. zero the output planes of the deselected filters.
+//   2. gather: copy only the kept input channels into a zero-padded buffer Xc
+//      of the thread (one plane per channel and stride phase, see
+//      microkernel.h).                                      cost ~ ki * H * W
+//   3. compute: the register-tiled micro-kernel reads the kept filters' weights
 //      in place (row pointers, no gather) against Xc.      cost ~ ki * ko * KK * P
-//   3. epilogue: bias, optional ReLU, store into the output (NCHW or NHWC).
+//   4. epilogue: bias, optional ReLU, store into the output (NCHW or NHWC).
 //
 // Nothing of a deselected filter or input channel enters the arithmetic.
 // Work is split into items (sample, group, block of filters, range of pixel
@@ -198,7 +199,7 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   // Per (n, g): kept input channels (as weight-row offsets) and kept filters.
   const int64_t NG = g.N * g.G;
   std::vector<int32_t> cin_off(g.N * g.Cin), cin_idx(g.N * g.Cin), fidx(g.N * g.Cout);
-  std::vector<int64_t> ki(NG), ko(NG), xc_start(NG + 1, 0);
+  std::vector<int64_t> ki(NG), ko(NG);
   const bool* om = out_mask.defined() ? out_mask.data_ptr<bool>() : nullptr;
   const bool* im = in_mask.defined() ? in_mask.data_ptr<bool>() : nullptr;
   const int64_t slot_floats = g.nphase_used * g.plane;
@@ -221,29 +222,19 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
         if (om == nullptr || om[n * g.Cout + og]) fidx[n * g.Cout + gi * g.cout_g + k++] = static_cast<int32_t>(og);
       }
       ko[ng] = k;
-      // A group with no kept filter needs no input.
-      xc_start[ng + 1] = xc_start[ng] + (ko[ng] > 0 ? ki[ng] * slot_floats : 0);
     }
   }
-  // One spare plane so that a group with no kept input still has a valid pointer.
-  at::Tensor xc = at::empty({xc_start[NG] + slot_floats}, x_in.options());
-  float* xcp = xc.data_ptr<float>();
+  const int64_t max_ki = NG > 0 ? *std::max_element(ki.begin(), ki.end()) : 0;
   const float* xp = x_in.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const auto xs = x_in.strides();
   const auto os = out.strides();
   const int64_t P = g.Ho * g.Wo;
 
-  // 1. prepare (parallel over sample-groups)
+  // 1. zero what the compute step will not write: deselected filters' outputs
   at::parallel_for(0, NG, 1, [&](int64_t b, int64_t e) {
     for (int64_t ng = b; ng < e; ++ng) {
       const int64_t n = ng / g.G, gi = ng % g.G;
-      if (ko[ng] > 0) {
-        for (int64_t j = 0; j < ki[ng]; ++j) {
-          fill_planes(g, xp, xs, n, cin_idx[n * g.Cin + gi * g.cin_g + j], xcp + xc_start[ng] + j * slot_floats);
-        }
-      }
-      // Zero what the compute step will not write: deselected filters' outputs.
       if (channels_last) {
         if (gi == 0 && (om != nullptr)) std::memset(op + n * os[0], 0, sizeof(float) * g.Cout * P);
       } else {
@@ -258,7 +249,6 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
       }
     }
   });
-  std::memset(xcp + xc_start[NG], 0, sizeof(float) * slot_floats);
 
   // 2-3. compute and epilogue (parallel over items)
   std::vector<Item> items;
@@ -288,12 +278,26 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t wrow = g.cin_g * g.KK;
   const int64_t oH = os[2], oW = os[3];
 
+  // 2. per item: gather the sample's kept input channels into this thread's
+  // buffer (once per sample-group: a thread's items are consecutive, so the
+  // copy is still in its L2 when the micro-kernel reads it), compute, store.
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     alignas(64) float acc[kMaxMR * kMaxNV * kVecLen];
     const float* wrows[kMaxMR];
+    // max_ki planes, plus a zero plane for a group with no kept input channel.
+    std::vector<float> xc((max_ki + 1) * slot_floats);
+    float* const zero_plane = xc.data() + max_ki * slot_floats;
+    std::fill(zero_plane, zero_plane + slot_floats, 0.0f);
+    int64_t filled_ng = -1;
     for (int64_t it = b; it < e; ++it) {
       const Item& item = items[it];
       const int64_t n = item.ng / g.G, gi = item.ng % g.G;
+      if (item.ng != filled_ng) {
+        for (int64_t j = 0; j < ki[item.ng]; ++j) {
+          fill_planes(g, xp, xs, n, cin_idx[n * g.Cin + gi * g.cin_g + j], xc.data() + j * slot_floats);
+        }
+        filled_ng = item.ng;
+      }
       const int32_t* filters = fidx.data() + n * g.Cout + gi * g.cout_g;
       TileArgs a;
       a.wrows = wrows;
@@ -303,7 +307,7 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
       a.toff = g.toff.data();
       a.plane = slot_floats;
       a.acc = acc;
-      const float* xbase = ko[item.ng] > 0 && ki[item.ng] > 0 ? xcp + xc_start[item.ng] : xcp + xc_start[NG];
+      const float* xbase = ki[item.ng] > 0 ? xc.data() : zero_plane;
       for (int64_t t = item.t_begin; t < item.t_end; ++t) {
         const int64_t q0 = t * g.tile;
         const int nv = static_cast<int>(t == g.ntiles - 1 ? g.nv_last : g.nv);
