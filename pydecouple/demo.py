@@ -24,19 +24,25 @@ import torch
 
 log = logging.getLogger("pydecouple.demo")
 
-# Per data set: the model, the schedules, and the decoupling setting chosen in
-# docs/method.md (gates that depend on the input, at about half the FLOPs).
+# Per data set: the model, the schedules, and the decoupling setting of
+# docs/method.md (batch-normalised gate logits, detached gate input, gates and
+# MI classifiers at 10x the learning rate, L_S with a target kept fraction rho).
 SETTINGS: Dict[str, Dict[str, Any]] = {
     # Digits are 8x8: upsampled to 16x16 so the layers (64 to 256 channels at
     # 16x16 down to 4x4) are not toy-sized and the timings mean something.
-    "digits": dict(arch="small_vgg", in_channels=1, upsample=2, dense_epochs=6, decouple_epochs=6, batch_size=64,
+    # rho = 0.65 measured here: 92.0% against 95.9% dense at 0.47 of the FLOPs,
+    # 0.1% of the gates constant (rho = 0.55: 88.5% at 0.36).
+    "digits": dict(arch="small_vgg", in_channels=1, upsample=2, dense_epochs=10, decouple_epochs=12, batch_size=64,
                    lr=0.05, speed_batch=64, analysis_limit=None, detect_limit=None,
-                   loss=dict(lam_k=1.0, lam_m=1.0, lam_s=5e-3, rho=0.5),
-                   train=dict(gate_lr_mult=1.0, sparsity_warmup=2.0)),
-    "cifar10": dict(arch="small_vgg", in_channels=3, upsample=1, dense_epochs=8, decouple_epochs=4, batch_size=128, lr=0.05,
-                    speed_batch=32, analysis_limit=2000, detect_limit=1000,
-                    loss=dict(lam_k=1.0, lam_m=1.0, lam_s=5e-3, rho=0.5),
-                    train=dict(gate_lr_mult=1.0, sparsity_warmup=1.0)),
+                   gate=dict(logit_norm=True, bias_init=2.0),
+                   loss=dict(lam_k=1.0, lam_m=1.0, lam_s=0.5, rho=0.65),
+                   train=dict(gate_lr_mult=10.0)),
+    # docs/method.md's setting ("ours"); longer: see the README for its time here.
+    "cifar10": dict(arch="small_vgg", in_channels=3, upsample=1, dense_epochs=8, decouple_epochs=4, batch_size=128,
+                    lr=0.05, speed_batch=32, analysis_limit=2000, detect_limit=1000,
+                    gate=dict(logit_norm=True, bias_init=2.0),
+                    loss=dict(lam_k=1.0, lam_m=1.0, lam_s=0.5, rho=0.6),
+                    train=dict(gate_lr_mult=10.0)),
 }
 
 # Realistic layer shapes for the kernel figure, so the headline does not rest
@@ -103,6 +109,13 @@ def run(data: str = "digits", out: str = "demo-out", quick: bool = False, seed: 
     from .paths import analyze
     from .train import evaluate, gate_statistics, train
 
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    # The detectors' logistic regressions stop at their iteration cap on purpose
+    # (their C is chosen by validation); the warning would drown the story.
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
@@ -131,7 +144,7 @@ def run(data: str = "digits", out: str = "demo-out", quick: bool = False, seed: 
         print(f"      dense test accuracy {acc_dense:.1%}")
 
     with step(f"decouple and fine-tune ({cfg['decouple_epochs']} epochs, {cfg['loss']})"):
-        decoupled = decouple(copy.deepcopy(dense))
+        decoupled = decouple(copy.deepcopy(dense), **cfg["gate"])
         loss = DecouplingLoss(decoupled, len(classes), **cfg["loss"])
         train(decoupled, (train_x, train_y), (test_x, test_y), epochs=cfg["decouple_epochs"],
               batch_size=cfg["batch_size"], lr=cfg["lr"] / 5, loss=loss, seed=seed, progress=True, **cfg["train"])
@@ -185,7 +198,9 @@ def run(data: str = "digits", out: str = "demo-out", quick: bool = False, seed: 
 
         report["seconds_total"] = time.perf_counter() - t_start
         report["seconds_by_step"] = step.times
-        report["machine"] = _machine(choose(test_x[:1], None, None, None, 1))
+        # The backend a gated layer gets (half of its channels on), not the dense fallback.
+        half = torch.arange(8).expand(2, 8) < 4
+        report["machine"] = _machine(choose(torch.zeros(2, 8, 16, 16), None, half, half, 1))
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(_jsonable(report), f, indent=2)
         with open(os.path.join(out, "report.md"), "w") as f:
