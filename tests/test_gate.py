@@ -84,3 +84,23 @@ def test_gradients_reach_gate_through_model():
     out.square().sum().backward()
     for _, g in gate_modules(m):
         assert g.fc2.weight.grad is not None and torch.isfinite(g.fc2.weight.grad).all()
+
+
+def test_logit_norm_spread_and_threshold():
+    acm = ArchitectureControl(16, 32, logit_norm=True, bias_init=2.0, norm_gamma_init=0.5).train()
+    x = torch.rand(256, 16, 3, 3) * torch.rand(256, 16, 1, 1) * 4
+    acm(x)
+    y = acm.last_logits
+    torch.testing.assert_close(y.mean(0), torch.full((32,), 2.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.std(0, unbiased=False), torch.full((32,), 0.5), atol=1e-2, rtol=0)
+    acm(x[:1])  # a batch of one falls back to running statistics
+    acm.eval()(x[:3])
+    assert acm.last_mask.shape == (3, 32)
+
+
+def test_detach_input_stops_gate_gradient_into_features():
+    x = torch.rand(4, 8, 3, 3, requires_grad=True)
+    ArchitectureControl(8, 6).train()(x).sum().backward()
+    assert x.grad is None
+    ArchitectureControl(8, 6, detach_input=False).train()(x).sum().backward()
+    assert x.grad is not None

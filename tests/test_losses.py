@@ -61,3 +61,14 @@ def test_decoupling_loss_terms_and_gradients():
 def test_decoupling_loss_needs_gates():
     with pytest.raises(ValueError, match="decouple"):
         DecouplingLoss(build("tiny_cnn", in_channels=1), 10)
+
+
+def test_mi_init_zero_starts_at_chance():
+    model = build("tiny_cnn", in_channels=1, decoupled=True).train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    _, terms = DecouplingLoss(model, 10)(model(x), y)
+    assert terms["mi"].item() == pytest.approx(2 * math.log(10), rel=1e-5)
+    loss = DecouplingLoss(model, 10, mi_init="default")
+    assert any(c.weight.abs().sum() > 0 for c in loss.classifiers)
+    with pytest.raises(ValueError):
+        DecouplingLoss(model, 10, mi_init="ones")

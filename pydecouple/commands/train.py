@@ -8,8 +8,11 @@ Examples::
         --arch small_vgg --epochs 8 --lr 0.05 --out runs/small_vgg_dense
     # decouple it and fine-tune (the settings of docs/method.md)
     python -m pydecouple train --data ../shared/data/cifar10/cifar10-subset.npz \\
-        --init runs/small_vgg_dense/last.pt --decouple --epochs 3 --lr 0.01 \\
-        --lam-m 1 --lam-s 0.5 --rho 0.6 --normalize-sparsity --gate-lr-mult 10 --out runs/small_vgg_dec
+        --init runs/small_vgg_dense/last.pt --decouple --epochs 2 --lr 0.01 --weight-decay 1e-4 \\
+        --gate-logit-norm --gate-bias-init 2 --lam-m 1 --gate-lr-mult 10 --lam-s 0.5 --rho 0.6 \\
+        --out runs/small_vgg_dec
+    # the same under torchrun (DDP; gloo on CPU, NCCL on GPUs)
+    torchrun --nproc_per_node=2 -m pydecouple train --data digits --epochs 2 --out runs/digits_ddp
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--gate-bias-init", type=float, default=3.0)
     d.add_argument("--gate-input-grad", action="store_true",
                    help="let gradients flow from the gates into the backbone features (the authors' code)")
+    d.add_argument("--gate-norm-gamma", type=float, default=1.0, help="initial gamma of --gate-logit-norm")
     d.add_argument("--gate-logit-norm", action="store_true", help="batch-normalise the gate logits")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/train", help="output folder: metrics.jsonl, last.pt")
@@ -116,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.test_subset:
         xte, yte = xte[:args.test_subset], yte[:args.test_subset]
     gate_kw = {"init": args.gate_init, "noise_std": args.gate_noise, "bias_init": args.gate_bias_init,
-               "logit_norm": args.gate_logit_norm, "detach_input": not args.gate_input_grad}
+               "logit_norm": args.gate_logit_norm, "detach_input": not args.gate_input_grad,
+               "norm_gamma_init": args.gate_norm_gamma}
     torch.manual_seed(args.seed)
     if args.init:
         try:

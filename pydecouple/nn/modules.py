@@ -41,7 +41,6 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-
 from .gate import ArchitectureControl
 
 __all__ = [

@@ -1,0 +1,60 @@
+"""Accuracy against FLOPs ratio for decoupled small VGGs (docs/method.md).
+
+    python benchmarks/method/tradeoff_plot.py benchmarks/results/method/tradeoff.csv \
+        benchmarks/results/method/tradeoff.png [--dense-acc 0.75]
+
+Reads the CSV written by gate_stats.py (columns label, test_acc, flops_ratio,
+constant_gates, ...); rows whose label starts with "paper" are drawn apart.
+"""
+
+import argparse
+import csv
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("csv")
+    p.add_argument("png")
+    p.add_argument("--dense-acc", type=float, default=None)
+    p.add_argument("--title", default="small_vgg, CIFAR-10 subset: decoupled fine-tuning")
+    a = p.parse_args()
+    rows = list(csv.DictReader(open(a.csv)))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    groups = {}
+    for r in rows:
+        if r["label"].startswith("paper"):
+            key = "paper settings (static masks)"
+        elif r["label"].startswith("ours_"):
+            key = "ours: logit-normalised gates, rho sweep"
+        else:
+            key = "ablations"
+        groups.setdefault(key, []).append(r)
+    for (name, rs), mk in zip(sorted(groups.items()), ["^", "o", "s"]):
+        rs = sorted(rs, key=lambda r: float(r["flops_ratio"]))
+        xs = [float(r["flops_ratio"]) for r in rs]
+        ys = [100 * float(r["test_acc"]) for r in rs]
+        ax.plot(xs, ys, marker=mk, label=name, ls="-" if name.startswith("ours") else "none")
+        for r, x, y in zip(rs, xs, ys):
+            ax.annotate(f"{r['label']}\nconst {100 * float(r['constant_gates']):.0f}%", (x, y), fontsize=6,
+                        textcoords="offset points", xytext=(4, -10))
+    if a.dense_acc is not None:
+        ax.axhline(100 * a.dense_acc, color="gray", ls="--", lw=1, label=f"dense {100 * a.dense_acc:.1f}%")
+        ax.axhline(100 * a.dense_acc - 2, color="gray", ls=":", lw=1, label="dense - 2 points")
+    ax.axvline(0.5, color="red", ls=":", lw=1, label="50% of dense FLOPs")
+    ax.set_xlabel("FLOPs ratio (decoupled / dense, input and output skipping, gate overhead included)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(a.title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(a.png)
+    print(f"wrote {a.png}")
+
+
+if __name__ == "__main__":
+    main()
