@@ -16,7 +16,7 @@ from pydecouple.models import build
 from pydecouple.nn import gate_modules, set_gates_open
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR = Path(os.environ.get("PYDECOUPLE_CIFAR", "/work/shared/data/cifar10/cifar10-subset.npz"))
+CIFAR = Path(os.environ.get("PYDECOUPLE_CIFAR", Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10-subset.npz"))
 
 # (arch, in_channels, image size, batch, build kwargs): small batches keep the deep models fast.
 ZOO = [

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NAME=$1; shift
-DATA=${DATA:-/work/shared/data/cifar10/cifar10-subset.npz}
+DATA=${DATA:-../shared/data/cifar10/cifar10-subset.npz}
 SUBSET=${SUBSET:-5000}
 EPOCHS=${EPOCHS:-2}
 TEST=${TEST:-2000}
