@@ -29,3 +29,13 @@ def backend(monkeypatch):
     def use(name):
         monkeypatch.setenv("PYDECOUPLE_BACKEND", name)
     return use
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core machine, OpenMP
+    regions of 2 threads stall on a descheduled worker (tests ran 10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
