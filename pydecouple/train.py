@@ -211,6 +211,8 @@ def train(
     gate_lr_mult: float = 1.0,
     gate_weight_decay: Optional[float] = None,
     sparsity_warmup: float = 0.0,
+    gate_warm_start_steps: int = 0,
+    gate_warm_start_keep: Optional[float] = None,
     augment: Optional[bool] = None,
     seed: int = 0,
     out_dir: Optional[str] = None,
@@ -235,6 +237,11 @@ def train(
         gate_lr_mult: learning-rate multiplier for the ACMs and MI classifiers.
         gate_weight_decay: their weight decay (default: ``weight_decay``).
         sparsity_warmup: epochs over which lam_s ramps linearly from 0.
+        gate_warm_start_steps: before the first epoch (not on resume), fit the
+            ACMs to the dense network's per-image filter saliency for this many
+            steps (:func:`pydecouple.warmstart.warm_start_gates`); 0: off.
+        gate_warm_start_keep: its target kept fraction (default: the loss's
+            ``rho``, or 0.5 when ``rho`` is 0).
         augment: random crop + flip (None: on, with pad 4 + flip for >= 16 px
             images, pad 1 and no flip for smaller ones).
         seed: every epoch re-seeds from (seed, epoch, rank).
@@ -296,6 +303,24 @@ def train(
             log.info("resumed from %s at epoch %d", last, start_epoch)
     elif resume and rank == 0:
         log.info("resume: no checkpoint at %s, starting fresh", last)
+
+    if gate_warm_start_steps and loss is not None and start_epoch == 0:
+        # Before DDP wraps the model: DDP's constructor then broadcasts rank 0's gates.
+        from .warmstart import warm_start_gates
+
+        keep = gate_warm_start_keep if gate_warm_start_keep is not None else (loss.rho or 0.5)
+        ws = warm_start_gates(model, xtr, keep, steps=gate_warm_start_steps, batch_size=batch_size,
+                              seed=seed * 31 + rank, device=device, progress=progress and rank == 0)
+        if rank == 0:
+            rec0: Dict[str, Any] = {"epoch": 0, "gate_warm_start": ws[-1]}
+            if test_data is not None:
+                ev = evaluate(model, test_data[0], test_data[1], eval_batch_size, loss, device)
+                rec0.update({f"test_{k}" if k in ("acc", "ce") else k: v for k, v in ev.items()})
+            log.info("%s", json.dumps(rec0))
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec0) + "\n")
 
     net: nn.Module = objective
     if world > 1:

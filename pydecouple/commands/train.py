@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--gate-lr-mult", type=float, default=1.0, help="lr multiplier of the gates and MI classifiers")
     d.add_argument("--gate-weight-decay", type=float, default=None)
     d.add_argument("--sparsity-warmup", type=float, default=0.0, help="epochs over which lam_s ramps up from 0")
+    d.add_argument("--gate-warm-start", type=int, default=0, metavar="STEPS",
+                   help="fit the gates to the dense network's per-image filter saliency for STEPS steps "
+                        "before fine-tuning (docs/method.md); 0: off")
+    d.add_argument("--gate-warm-start-keep", type=float, default=None, metavar="FRAC",
+                   help="the warm start's kept fraction per layer (default: --rho, or 0.5)")
     d.add_argument("--gate-init", choices=["open", "paper"], default="open", help="ACM initialisation")
     d.add_argument("--gate-noise", type=float, default=1.0, help="SemHash noise std")
     d.add_argument("--gate-bias-init", type=float, default=3.0)
@@ -155,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
                  momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                  milestones=args.milestones, lr_warmup_steps=args.lr_warmup_steps, loss=loss,
                  gate_lr_mult=args.gate_lr_mult, gate_weight_decay=args.gate_weight_decay,
-                 sparsity_warmup=args.sparsity_warmup, augment=not args.no_augment, seed=args.seed,
+                 sparsity_warmup=args.sparsity_warmup, gate_warm_start_steps=args.gate_warm_start,
+                 gate_warm_start_keep=args.gate_warm_start_keep, augment=not args.no_augment, seed=args.seed,
                  out_dir=args.out, meta=meta, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
                  stop_after_epochs=args.stop_after_epochs,
                  progress=not args.no_progress, device=args.device)

@@ -75,7 +75,8 @@ class ArchitectureControl(nn.Module):
     After each forward: ``last_logits`` (N, Cout) float (with grad in training),
     ``last_mask`` (N, Cout) bool detached (hard mask; in training the hard part
     of the noisy gate), ``last_gate`` (N, Cout) float, the value returned.
-    ``force_open = True`` makes every gate 1 (the dense model's function).
+    ``force_open = True`` makes every gate 1 (the dense model's function);
+    the logits are still computed (``pydecouple.warmstart`` fits them then).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class ArchitectureControl(nn.Module):
         self.bias_init = float(bias_init)
         self.w2_std = float(w2_std)
         self.force_open = False
+        self.record_pooled = False  # record last_pooled in eval mode too (gate warm start)
         self.last_logits: Optional[torch.Tensor] = None
         self.last_mask: Optional[torch.Tensor] = None
         self.last_gate: Optional[torch.Tensor] = None

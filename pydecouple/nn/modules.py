@@ -143,7 +143,7 @@ class GatedConv2d(nn.Conv2d):
         if self.training or not self.use_sparse_op or self.padding_mode != "zeros" or self.gate.force_open:
             out = self._conv_forward(x, self.weight, self.bias)
             if self.apply_gate:
-                if self.training:
+                if self.training or self.gate.record_pooled:
                     self.gate.last_pooled = out.mean(dim=(2, 3))
                 out = out * g[:, :, None, None]
         else:
@@ -184,7 +184,7 @@ class GatedBatchNorm2d(nn.BatchNorm2d):
         if conv is None:
             return out
         gate = conv.gate
-        if self.training:
+        if self.training or gate.record_pooled:
             gate.last_pooled = out.mean(dim=(2, 3))
         return out * gate.last_gate[:, :, None, None].to(out.dtype)
 
