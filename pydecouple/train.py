@@ -213,6 +213,7 @@ def train(
     sparsity_warmup: float = 0.0,
     gate_warm_start_steps: int = 0,
     gate_warm_start_keep: Optional[float] = None,
+    gate_noise_final: Optional[float] = None,
     augment: Optional[bool] = None,
     seed: int = 0,
     out_dir: Optional[str] = None,
@@ -242,6 +243,9 @@ def train(
             steps (:func:`pydecouple.warmstart.warm_start_gates`); 0: off.
         gate_warm_start_keep: its target kept fraction (default: the loss's
             ``rho``, or 0.5 when ``rho`` is 0).
+        gate_noise_final: anneal every ACM's SemHash noise linearly, per step,
+            from its own ``noise_std`` to this value at the last step (None: off),
+            so the training gate ends close to the deterministic eval gate.
         augment: random crop + flip (None: on, with pad 4 + flip for >= 16 px
             images, pad 1 and no flip for smaller ones).
         seed: every epoch re-seeds from (seed, epoch, rank).
@@ -334,6 +338,8 @@ def train(
                                  "kl_direction": loss.kl_direction})
 
     end_epoch = min(epochs, stop_after_epochs) if stop_after_epochs else epochs
+    acms = [g for _, g in gate_modules(model)]
+    noise0 = [g.noise_std for g in acms]  # put back at the end: the anneal is this run's schedule
     for epoch in range(start_epoch, end_epoch):
         torch.manual_seed(seed * 100003 + epoch * 1009 + rank)
         gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)
@@ -359,6 +365,10 @@ def train(
             if augment:
                 xb = augment_batch(xb, pad=pad, flip=flip, generator=gen)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if gate_noise_final is not None:
+                frac = (epoch * steps_per_epoch + step) / max(epochs * steps_per_epoch - 1, 1)
+                for g, n0 in zip(acms, noise0):
+                    g.noise_std = n0 + (gate_noise_final - n0) * frac
             if loss is not None:
                 loss.sparsity_scale = min(1.0, (epoch + step / steps_per_epoch) / sparsity_warmup) if sparsity_warmup else 1.0
             logits, total, terms = net(xb, yb)
@@ -396,4 +406,6 @@ def train(
             history.append(rec)
         if world > 1:
             dist.barrier()
+    for g, n0 in zip(acms, noise0):
+        g.noise_std = n0
     return history

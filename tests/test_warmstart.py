@@ -108,3 +108,27 @@ def test_train_runs_warm_start_once_and_logs_it(trained_dense_tiny, digits, tmp_
           max_steps_per_epoch=2, gate_warm_start_steps=5, out_dir=str(tmp_path), resume=True)
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [0, 1, 2]
+
+
+def test_gate_noise_anneal_reaches_final_value_and_is_restored(trained_dense_tiny, digits, monkeypatch):
+    from pydecouple.nn import decouple
+    from pydecouple.nn import gate as gate_mod
+
+    model = decouple(trained_dense_tiny, logit_norm=True, bias_init=2.0, noise_std=1.0).train()
+    seen = []
+    real = gate_mod.semhash
+
+    def spy(logits, noise_std=1.0, hard_fraction=0.5):
+        seen.append(noise_std)
+        return real(logits, noise_std, hard_fraction)
+
+    monkeypatch.setattr(gate_mod, "semhash", spy)
+    loss = DecouplingLoss(model, 10, lam_m=1.0, lam_s=0.5, rho=0.6)
+    train(model, *digits, epochs=2, batch_size=64, lr=0.01, loss=loss, progress=False, max_steps_per_epoch=3,
+          gate_noise_final=0.2)
+    n_gates = len(gate_modules(model))
+    per_step = [seen[i] for i in range(0, len(seen), n_gates)]
+    assert len(per_step) == 6
+    assert per_step[0] == pytest.approx(1.0) and per_step[-1] == pytest.approx(0.2)
+    assert all(a > b for a, b in zip(per_step, per_step[1:]))
+    assert all(g.noise_std == 1.0 for _, g in gate_modules(model))

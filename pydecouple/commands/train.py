@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--gate-warm-start", type=int, default=0, metavar="STEPS",
                    help="fit the gates to the dense network's per-image filter saliency for STEPS steps "
                         "before fine-tuning (docs/method.md); 0: off")
+    d.add_argument("--gate-noise-final", type=float, default=None, metavar="STD",
+                   help="anneal the SemHash noise linearly from --gate-noise to STD over the run (default: constant)")
     d.add_argument("--gate-warm-start-keep", type=float, default=None, metavar="FRAC",
                    help="the warm start's kept fraction per layer (default: --rho, or 0.5)")
     d.add_argument("--gate-init", choices=["open", "paper"], default="open", help="ACM initialisation")
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                  milestones=args.milestones, lr_warmup_steps=args.lr_warmup_steps, loss=loss,
                  gate_lr_mult=args.gate_lr_mult, gate_weight_decay=args.gate_weight_decay,
                  sparsity_warmup=args.sparsity_warmup, gate_warm_start_steps=args.gate_warm_start,
-                 gate_warm_start_keep=args.gate_warm_start_keep, augment=not args.no_augment, seed=args.seed,
+                 gate_warm_start_keep=args.gate_warm_start_keep, gate_noise_final=args.gate_noise_final, augment=not args.no_augment, seed=args.seed,
                  out_dir=args.out, meta=meta, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
                  stop_after_epochs=args.stop_after_epochs,
                  progress=not args.no_progress, device=args.device)
