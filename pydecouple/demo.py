@@ -37,12 +37,14 @@ SETTINGS: Dict[str, Dict[str, Any]] = {
                    gate=dict(logit_norm=True, bias_init=2.0),
                    loss=dict(lam_k=1.0, lam_m=1.0, lam_s=0.5, rho=0.65),
                    train=dict(gate_lr_mult=10.0)),
-    # docs/method.md's setting ("ours"); longer: see the README for its time here.
-    "cifar10": dict(arch="small_vgg", in_channels=3, upsample=1, dense_epochs=8, decouple_epochs=4, batch_size=128,
+    # docs/method.md's full-budget recipe (gate warm start, noise annealed to 0):
+    # measured there with 10 dense epochs, 76.5% dense -> 61.1% at 0.45 of the FLOPs
+    # after 4 fine-tuning epochs. Longer: see the README for its time here.
+    "cifar10": dict(arch="small_vgg", in_channels=3, upsample=1, dense_epochs=10, decouple_epochs=4, batch_size=128,
                     lr=0.05, speed_batch=32, analysis_limit=2000, detect_limit=1000,
                     gate=dict(logit_norm=True, bias_init=2.0),
-                    loss=dict(lam_k=1.0, lam_m=1.0, lam_s=0.5, rho=0.6),
-                    train=dict(gate_lr_mult=10.0)),
+                    loss=dict(lam_k=1.0, lam_m=1.0, lam_s=0.5, rho=0.63),
+                    train=dict(gate_lr_mult=10.0, gate_warm_start_steps=300, gate_noise_final=0.0)),
 }
 
 # Realistic layer shapes for the kernel figure, so the headline does not rest
@@ -123,6 +125,8 @@ def run(data: str = "digits", out: str = "demo-out", quick: bool = False, seed: 
     cfg = copy.deepcopy(SETTINGS[key])
     if quick:  # for tests: the same code path in seconds
         cfg.update(dense_epochs=1, decouple_epochs=1, analysis_limit=200, detect_limit=100)
+        if cfg["train"].get("gate_warm_start_steps"):
+            cfg["train"]["gate_warm_start_steps"] = 5
     step = Step(8)
     report: Dict[str, Any] = {"dataset": data}
 
