@@ -31,14 +31,18 @@ def main():
             key = "paper settings (static masks)"
         elif r["label"].startswith("ours_"):
             key = "ours: logit-normalised gates, rho sweep"
+        elif r["label"].startswith("ws_") and r["label"].endswith("_e8"):
+            key = "the same, rho 0.63, 8 fine-tuning epochs"
+        elif r["label"].startswith("ws_"):
+            key = "ours + warm start + noise anneal, 4 epochs: rho sweep"
         else:
             key = "ablations"
         groups.setdefault(key, []).append(r)
-    for (name, rs), mk in zip(sorted(groups.items()), ["^", "o", "s"]):
+    for (name, rs), mk in zip(sorted(groups.items()), ["^", "o", "s", "D"]):
         rs = sorted(rs, key=lambda r: float(r["flops_ratio"]))
         xs = [float(r["flops_ratio"]) for r in rs]
         ys = [100 * float(r["test_acc"]) for r in rs]
-        ax.plot(xs, ys, marker=mk, label=name, ls="-" if name.startswith("ours") else "none")
+        ax.plot(xs, ys, marker=mk, label=name, ls="-" if "sweep" in name else "none")
         for r, x, y in zip(rs, xs, ys):
             ax.annotate(f"{r['label']}\nconst {100 * float(r['constant_gates']):.0f}%", (x, y), fontsize=6,
                         textcoords="offset points", xytext=(4, -10))
