@@ -168,6 +168,20 @@ def gate_statistics(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
     return res
 
 
+def _record_epoch(rec: Dict[str, Any], model: nn.Module, test_data: Optional[Data], eval_batch_size: int,
+                  loss: Optional[DecouplingLoss], device, out: Optional[Path]) -> Dict[str, Any]:
+    """Rank 0: add the test-set evaluation to ``rec``, log it, append it to ``<out>/metrics.jsonl``."""
+    if test_data is not None:
+        ev = evaluate(model, test_data[0], test_data[1], eval_batch_size, loss, device)
+        rec.update({f"test_{k}" if k in ("acc", "ce") else k: v for k, v in ev.items()})
+    log.info("%s", json.dumps(rec))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
+
+
 def _param_groups(model: nn.Module, loss: Optional[nn.Module], lr: float, weight_decay: float, gate_lr_mult: float,
                   gate_weight_decay: Optional[float]):
     gate_ids = {id(p) for _, g in gate_modules(model) for p in g.parameters()}
@@ -274,6 +288,10 @@ def train(
     xtr, ytr = train_data
     if len(xtr) != len(ytr) or len(xtr) == 0:
         raise ValueError(f"train: train_data has {len(xtr)} images and {len(ytr)} labels")
+    if gate_warm_start_steps < 0:
+        raise ValueError(f"train: gate_warm_start_steps must be >= 0 (0: no warm start), got {gate_warm_start_steps}")
+    if gate_noise_final is not None and gate_noise_final < 0:
+        raise ValueError(f"train: gate_noise_final must be >= 0 (a noise standard deviation) or None, got {gate_noise_final}")
     if augment is None:
         augment = True
     pad, flip = (4, True) if xtr.shape[-1] >= 16 else (1, False)
@@ -316,15 +334,7 @@ def train(
         ws = warm_start_gates(model, xtr, keep, steps=gate_warm_start_steps, batch_size=batch_size,
                               seed=seed * 31 + rank, device=device, progress=progress and rank == 0)
         if rank == 0:
-            rec0: Dict[str, Any] = {"epoch": 0, "gate_warm_start": ws[-1]}
-            if test_data is not None:
-                ev = evaluate(model, test_data[0], test_data[1], eval_batch_size, loss, device)
-                rec0.update({f"test_{k}" if k in ("acc", "ce") else k: v for k, v in ev.items()})
-            log.info("%s", json.dumps(rec0))
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec0) + "\n")
+            _record_epoch({"epoch": 0, "gate_warm_start": ws[-1]}, model, test_data, eval_batch_size, loss, device, out)
 
     net: nn.Module = objective
     if world > 1:
@@ -391,14 +401,8 @@ def train(
                                "train_acc": correct / max(seen, 1)}
         rec.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
         if rank == 0:
-            if test_data is not None:
-                ev = evaluate(model, test_data[0], test_data[1], eval_batch_size, loss, device)
-                rec.update({f"test_{k}" if k in ("acc", "ce") else k: v for k, v in ev.items()})
-            history.append(rec)
-            log.info("%s", json.dumps(rec))
+            history.append(_record_epoch(rec, model, test_data, eval_batch_size, loss, device, out))
             if out is not None:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
                 extra = {"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "loss": loss.state_dict() if loss is not None else None, "history": history}
                 ckpt.save(last, model, meta, extra)
