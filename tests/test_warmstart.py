@@ -132,3 +132,14 @@ def test_gate_noise_anneal_reaches_final_value_and_is_restored(trained_dense_tin
     assert per_step[0] == pytest.approx(1.0) and per_step[-1] == pytest.approx(0.2)
     assert all(a > b for a, b in zip(per_step, per_step[1:]))
     assert all(g.noise_std == 1.0 for _, g in gate_modules(model))
+
+
+def test_train_rejects_bad_warm_start_and_noise_arguments(trained_dense_tiny, digits):
+    from pydecouple.nn import decouple
+
+    model = decouple(trained_dense_tiny)
+    loss = DecouplingLoss(model, 10, rho=0.5)
+    with pytest.raises(ValueError, match=r"gate_warm_start_steps must be >= 0 .* got -3"):
+        train(model, *digits, loss=loss, progress=False, gate_warm_start_steps=-3)
+    with pytest.raises(ValueError, match=r"gate_noise_final must be >= 0 .* got -0.5"):
+        train(model, *digits, loss=loss, progress=False, gate_noise_final=-0.5)
