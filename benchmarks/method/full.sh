@@ -3,6 +3,8 @@
 # then decoupling fine-tunes on all 20,000 training images, measured on all 10,000 test images.
 #   bash benchmarks/method/full.sh dense            # ~25 min on 2 cores
 #   bash benchmarks/method/full.sh NAME [args...]   # one fine-tune (~15 min), row in tradeoff.csv
+#   EPOCHS=24 bash benchmarks/method/full.sh dense_control --lr 0.03
+#       # the dense model trained on with a fine-tune's schedule, no gates: the equal-budget control
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/cifar10/cifar10-subset.npz}
@@ -15,6 +17,18 @@ if [ "$1" = dense ]; then
     echo "${CMD[*]}" >> "$RESULTS/commands.txt"
     PYTHONPATH=. .venv/bin/"${CMD[@]}" > "$RUNS/dense.log" 2>&1
     tail -1 "$RUNS/dense.log"
+    exit 0
+fi
+if [ "$1" = dense_control ]; then
+    shift
+    OUT="$RUNS/dense_control_e$EPOCHS"
+    CMD=(python -m pydecouple train --data "$DATA" --init "$DENSE" --epochs "$EPOCHS" --train-subset "$SUBSET"
+         --test-subset "$TEST" --lr 0.01 --weight-decay 1e-4 --threads "$THREADS" --seed 0 --no-progress
+         --out "$OUT" "$@")
+    echo "${CMD[*]}" >> "$RESULTS/commands.txt"
+    rm -rf "$OUT"
+    PYTHONPATH=. .venv/bin/"${CMD[@]}" > "$OUT.log" 2>&1
+    tail -1 "$OUT.log"
     exit 0
 fi
 exec bash benchmarks/method/run_experiments.sh "$@"
