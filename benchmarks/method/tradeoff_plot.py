@@ -1,7 +1,7 @@
 """Accuracy against FLOPs ratio for decoupled small VGGs (docs/method.md).
 
     python benchmarks/method/tradeoff_plot.py benchmarks/results/method/tradeoff.csv \
-        benchmarks/results/method/tradeoff.png [--dense-acc 0.75]
+        benchmarks/results/method/tradeoff.png [--dense-acc 0.75] [--dense-control-acc 0.8]
 
 Reads the CSV written by gate_stats.py (columns label, test_acc, flops_ratio,
 constant_gates, ...); rows whose label starts with "paper" are drawn apart.
@@ -9,6 +9,7 @@ constant_gates, ...); rows whose label starts with "paper" are drawn apart.
 
 import argparse
 import csv
+import json
 
 import matplotlib
 
@@ -21,6 +22,8 @@ def main():
     p.add_argument("csv")
     p.add_argument("png")
     p.add_argument("--dense-acc", type=float, default=None)
+    p.add_argument("--dense-control-acc", type=float, default=None,
+                   help="the dense model trained on with the longest fine-tune's schedule (full.sh dense_control)")
     p.add_argument("--title", default="small_vgg, CIFAR-10 subset: decoupled fine-tuning")
     a = p.parse_args()
     rows = list(csv.DictReader(open(a.csv)))
@@ -31,14 +34,16 @@ def main():
             key = "paper settings (static masks)"
         elif r["label"].startswith("ours_"):
             key = "ours: logit-normalised gates, rho sweep"
-        elif r["label"].startswith("ws_") and r["label"].endswith("_e8"):
-            key = "the same, rho 0.63, 8 fine-tuning epochs"
         elif r["label"].startswith("ws_"):
-            key = "ours + warm start + noise anneal, 4 epochs: rho sweep"
+            st = json.loads(r["settings"])
+            if st["epochs"] == 4 and st["lr"] == 0.01:
+                key = "ours + warm start + noise anneal, 4 epochs: rho sweep"
+            else:
+                key = f"the same, {st['epochs']} fine-tuning epochs, lr {st['lr']:g}"
         else:
             key = "ablations"
         groups.setdefault(key, []).append(r)
-    for (name, rs), mk in zip(sorted(groups.items()), ["^", "o", "s", "D"]):
+    for (name, rs), mk in zip(sorted(groups.items()), ["^", "o", "s", "D", "v", "P"]):
         rs = sorted(rs, key=lambda r: float(r["flops_ratio"]))
         xs = [float(r["flops_ratio"]) for r in rs]
         ys = [100 * float(r["test_acc"]) for r in rs]
@@ -49,6 +54,9 @@ def main():
     if a.dense_acc is not None:
         ax.axhline(100 * a.dense_acc, color="gray", ls="--", lw=1, label=f"dense {100 * a.dense_acc:.1f}%")
         ax.axhline(100 * a.dense_acc - 2, color="gray", ls=":", lw=1, label="dense - 2 points")
+    if a.dense_control_acc is not None:
+        ax.axhline(100 * a.dense_control_acc, color="black", ls="-.", lw=1,
+                   label=f"dense, trained on with the 24-epoch schedule {100 * a.dense_control_acc:.1f}%")
     ax.axvline(0.5, color="red", ls=":", lw=1, label="50% of dense FLOPs")
     ax.set_xlabel("FLOPs ratio (decoupled / dense, input and output skipping, gate overhead included)")
     ax.set_ylabel("test accuracy (%)")
