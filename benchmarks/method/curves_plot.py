@@ -58,8 +58,9 @@ def main():
         rs = [r for r in rows if r["run"] == run]
         xs = [int(r["epoch"]) for r in rs]
         ys = [100 * float(r["test_acc"]) for r in rs]
-        last = rs[-1]
-        ax.plot(xs, ys, marker=".", label=f"{run}: {ys[-1]:.1f}% at {float(last['flops_ratio']):.2f} FLOPs")
+        flops = rs[-1]["flops_ratio"]  # empty for a dense run: it has no gates
+        cost = f"{float(flops):.2f} FLOPs" if flops not in ("", None) else "dense, no gates"
+        ax.plot(xs, ys, marker=".", label=f"{run}: {ys[-1]:.1f}% ({cost})")
     if a.dense_acc is not None:
         ax.axhline(100 * a.dense_acc, color="gray", ls="--", lw=1, label=f"dense {100 * a.dense_acc:.1f}%")
         ax.axhline(100 * a.dense_acc - 2, color="gray", ls=":", lw=1, label="dense - 2 points")
