@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from _plotting import dense_reference_lines, finish_accuracy_figure  # noqa: E402
 
 COLUMNS = ("run", "epoch", "lr", "test_acc", "flops_ratio", "constant_gates", "mi", "train_acc")
 
@@ -61,18 +62,9 @@ def main():
         flops = rs[-1]["flops_ratio"]  # empty for a dense run: it has no gates
         cost = f"{float(flops):.2f} FLOPs" if flops not in ("", None) else "dense, no gates"
         ax.plot(xs, ys, marker=".", label=f"{run}: {ys[-1]:.1f}% ({cost})")
-    if a.dense_acc is not None:
-        ax.axhline(100 * a.dense_acc, color="gray", ls="--", lw=1, label=f"dense {100 * a.dense_acc:.1f}%")
-        ax.axhline(100 * a.dense_acc - 2, color="gray", ls=":", lw=1, label="dense - 2 points")
-    ax.set_xlabel("fine-tuning epoch (0: after the gate warm start; cosine lr over each run)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("small_vgg, CIFAR-10 subset: decoupled fine-tuning, learning curves", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(a.png)
-    print(f"wrote {a.png}")
-
+    dense_reference_lines(ax, a.dense_acc)
+    finish_accuracy_figure(fig, ax, "fine-tuning epoch (0: after the gate warm start; cosine lr over each run)",
+                           "small_vgg, CIFAR-10 subset: decoupled fine-tuning, learning curves", a.png)
 
 if __name__ == "__main__":
     main()

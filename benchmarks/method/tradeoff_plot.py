@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from _plotting import dense_reference_lines, finish_accuracy_figure  # noqa: E402
 
 
 def main():
@@ -51,22 +52,13 @@ def main():
         for r, x, y in zip(rs, xs, ys):
             ax.annotate(f"{r['label']}\nconst {100 * float(r['constant_gates']):.0f}%", (x, y), fontsize=6,
                         textcoords="offset points", xytext=(4, -10))
-    if a.dense_acc is not None:
-        ax.axhline(100 * a.dense_acc, color="gray", ls="--", lw=1, label=f"dense {100 * a.dense_acc:.1f}%")
-        ax.axhline(100 * a.dense_acc - 2, color="gray", ls=":", lw=1, label="dense - 2 points")
+    dense_reference_lines(ax, a.dense_acc)
     if a.dense_control_acc is not None:
         ax.axhline(100 * a.dense_control_acc, color="black", ls="-.", lw=1,
                    label=f"dense, trained on with the 24-epoch schedule {100 * a.dense_control_acc:.1f}%")
     ax.axvline(0.5, color="red", ls=":", lw=1, label="50% of dense FLOPs")
-    ax.set_xlabel("FLOPs ratio (decoupled / dense, input and output skipping, gate overhead included)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(a.title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(a.png)
-    print(f"wrote {a.png}")
-
+    finish_accuracy_figure(fig, ax, "FLOPs ratio (decoupled / dense, input and output skipping, gate overhead included)",
+                           a.title, a.png)
 
 if __name__ == "__main__":
     main()
