@@ -2,7 +2,6 @@
 end with identical weights (model, gates and MI classifiers)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,16 +9,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not a TCP store: with TCP, rank 0's process hosts the store server, so
+    # rank 0 exiting first can pull it from under rank 1's teardown, and a free port picked
+    # before the bind can be taken by another process. A CI run once saw rank 1 abort
+    # ("terminate called without an active exception") at teardown; both races are gone here.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'store')}", rank=rank, world_size=world)
+    ok = False
     try:
         from pydecouple.data import load_dataset
         from pydecouple.losses import DecouplingLoss
@@ -35,13 +32,16 @@ def _worker(rank, world, port, out):
         sd = {f"model.{k}": v for k, v in model.state_dict().items()}
         sd.update({f"loss.{k}": v for k, v in loss.state_dict().items()})
         torch.save(sd, os.path.join(out, f"rank{rank}.pt"))
+        ok = True
     finally:
+        if ok:
+            dist.barrier()  # no rank tears down while the other may still be talking to it
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is unavailable")
 def test_two_gloo_ranks_end_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()

@@ -170,5 +170,6 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0 and hist:
         print(json.dumps(hist[-1]))
     if started:
+        dist.barrier()  # every rank done before any tears down: a rank leaving early can abort a slower one
         dist.destroy_process_group()
     return EXIT_OK
