@@ -2,6 +2,7 @@
 end with identical weights (model, gates and MI classifiers); and the train command
 runs unchanged under torchrun, logging and checkpointing from rank 0 only."""
 
+import datetime
 import json
 import os
 import subprocess
@@ -20,7 +21,9 @@ def _worker(rank, world, out):
     # rank 0 exiting first can pull it from under rank 1's teardown, and a free port picked
     # before the bind can be taken by another process. A CI run once saw rank 1 abort
     # ("terminate called without an active exception") at teardown; both races are gone here.
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'store')}", rank=rank, world_size=world)
+    # The timeout: a rank that fails leaves the other waiting in a collective; fail, don't hang.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'store')}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     ok = False
     try:
         from pydecouple.data import load_dataset
