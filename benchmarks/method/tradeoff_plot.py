@@ -48,10 +48,17 @@ def main():
         rs = sorted(rs, key=lambda r: float(r["flops_ratio"]))
         xs = [float(r["flops_ratio"]) for r in rs]
         ys = [100 * float(r["test_acc"]) for r in rs]
-        ax.plot(xs, ys, marker=mk, label=name, ls="-" if "sweep" in name else "none")
+        # A line joins the runs of one schedule that differ only in rho; ablations and
+        # the paper's settings stay points.
+        is_sweep = "sweep" in name or (name.startswith("the same") and len(rs) > 1)
+        if is_sweep and "sweep" not in name:
+            name += ": rho " + " / ".join(f"{json.loads(r['settings'])['rho']:g}" for r in rs)
+        ax.plot(xs, ys, marker=mk, label=name, ls="-" if is_sweep else "none")
         for r, x, y in zip(rs, xs, ys):
+            left = name == "ablations"  # ablations sit beside the run they ablate: label them on the other side
             ax.annotate(f"{r['label']}\nconst {100 * float(r['constant_gates']):.0f}%", (x, y), fontsize=6,
-                        textcoords="offset points", xytext=(4, -10))
+                        textcoords="offset points", xytext=(-4, -10) if left else (4, -10),
+                        ha="right" if left else "left")
     dense_reference_lines(ax, a.dense_acc)
     if a.dense_control_acc is not None:
         ax.axhline(100 * a.dense_control_acc, color="black", ls="-.", lw=1,
