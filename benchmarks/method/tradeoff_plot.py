@@ -54,11 +54,14 @@ def main():
         if is_sweep and "sweep" not in name:
             name += ": rho " + " / ".join(f"{json.loads(r['settings'])['rho']:g}" for r in rs)
         ax.plot(xs, ys, marker=mk, label=name, ls="-" if is_sweep else "none")
-        for r, x, y in zip(rs, xs, ys):
-            left = name == "ablations"  # ablations sit beside the run they ablate: label them on the other side
+        for i, (r, x, y) in enumerate(zip(rs, xs, ys)):
+            if name == "ablations":
+                # They sit on top of the run they ablate: one label line each, stacked on the left.
+                ax.annotate(r["label"], (x, y), fontsize=6, textcoords="axes fraction", xytext=(0.3, 0.55 - 0.05 * i),
+                            ha="right", va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="gray"))
+                continue
             ax.annotate(f"{r['label']}\nconst {100 * float(r['constant_gates']):.0f}%", (x, y), fontsize=6,
-                        textcoords="offset points", xytext=(-4, -10) if left else (4, -10),
-                        ha="right" if left else "left")
+                        textcoords="offset points", xytext=(4, -10))
     dense_reference_lines(ax, a.dense_acc)
     if a.dense_control_acc is not None:
         ax.axhline(100 * a.dense_control_acc, color="black", ls="-.", lw=1,
