@@ -17,10 +17,9 @@ import torch.multiprocessing as mp
 
 def _worker(rank, world, out):
     torch.set_num_threads(1)
-    # A file store, not a TCP store: with TCP, rank 0's process hosts the store server, so
-    # rank 0 exiting first can pull it from under rank 1's teardown, and a free port picked
-    # before the bind can be taken by another process. A CI run once saw rank 1 abort
-    # ("terminate called without an active exception") at teardown; both races are gone here.
+    # A file store, not a TCP store: with TCP, rank 0's process hosts the store server (and
+    # may leave first), and a free port picked before the bind can be taken by another process.
+    # (The teardown abort a CI run once saw here was elsewhere: see the end of train().)
     # The timeout: a rank that fails leaves the other waiting in a collective; fail, don't hang.
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'store')}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
