@@ -57,7 +57,8 @@ class _Objective(nn.Module):
         if self.loss is None:
             ce = F.cross_entropy(logits, y)
             return logits, ce, {"ce": ce.detach(), "total": ce.detach()}
-        total, terms = self.loss(logits, y)
+        # A loss with a teacher (knowledge distillation) runs it on the same augmented batch.
+        total, terms = self.loss(logits, y, x) if getattr(self.loss, "takes_inputs", False) else self.loss(logits, y)
         return logits, total, terms
 
 
@@ -249,7 +250,8 @@ def train(
         schedule: ``"cosine"`` (per step), ``"step"`` (x0.1 at ``milestones`` epochs) or ``"constant"``.
         lr_warmup_steps: linear learning-rate warm-up.
         loss: a :class:`~pydecouple.losses.DecouplingLoss` built on ``model``; its MI
-            classifiers are trained with the gates.
+            classifiers are trained with the gates. Or a
+            :class:`~pydecouple.losses.DistillationLoss` (a dense student and its teacher).
         gate_lr_mult: learning-rate multiplier for the ACMs and MI classifiers.
         gate_weight_decay: their weight decay (default: ``weight_decay``).
         sparsity_warmup: epochs over which lam_s ramps linearly from 0.
@@ -345,8 +347,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
     if loss is not None:
-        meta.setdefault("loss", {"lam_k": loss.lam_k, "lam_m": loss.lam_m, "lam_s": loss.lam_s, "rho": loss.rho,
-                                 "kl_direction": loss.kl_direction})
+        meta.setdefault("loss", loss.describe() if hasattr(loss, "describe") else
+                        {"lam_k": loss.lam_k, "lam_m": loss.lam_m, "lam_s": loss.lam_s, "rho": loss.rho,
+                         "kl_direction": loss.kl_direction})
 
     end_epoch = min(epochs, stop_after_epochs) if stop_after_epochs else epochs
     acms = [g for _, g in gate_modules(model)]

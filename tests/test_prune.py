@@ -1,0 +1,245 @@
+"""pydecouple.prune: the pruned model is physically smaller, computes exactly the
+original with the pruned channels zeroed, counts its FLOPs and parameters right,
+refuses bad arguments by name, and survives a checkpoint round trip."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pydecouple.flops import flops as count_flops
+from pydecouple import checkpoint
+from pydecouple.models import build
+from pydecouple.prune import (apply_plan, channel_scores, keep_for_flops, load_pruned, make_plan, parameter_count,
+                              prunable_groups, prune, pruned_meta, resize, slimming_l1)
+
+from test_decouple import TVStyleNet, _randomize_bn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class TVVGG(nn.Module):
+    """torchvision's VGG layout: features, avgpool to k x k, flatten, an MLP classifier
+    (so the last conv's channels reach a Linear as blocks of k*k features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(nn.Linear(24 * 4, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _randomize(model):
+    _randomize_bn(model)
+    with torch.no_grad():  # gammas of both signs and spread magnitudes, so rankings mean something
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.randn_like(m.weight))
+    return model.eval()
+
+
+def _masked_forward(model, plan, x):
+    """The original model with every pruned channel zeroed right after its conv's BN
+    (or its conv where there is none): an independent statement of what pruning computes."""
+    mods = dict(model.named_modules())
+    hooks = []
+    for name, kept in plan.kept.items():
+        g = plan.groups[name]
+        where = mods[g.bn] if g.bn else mods[name]
+        mask = torch.zeros(g.channels)
+        mask[kept] = 1
+        hooks.append(where.register_forward_hook(lambda m, i, o, mask=mask: o * mask.view(1, -1, 1, 1)))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+CASES = {
+    "small_vgg": (lambda: build("small_vgg"), (3, 32)),
+    "tiny_cnn": (lambda: build("tiny_cnn", in_channels=1), (1, 8)),
+    "resnet20": (lambda: build("resnet20"), (3, 32)),
+    "tv_vgg": (TVVGG, (3, 16)),
+    "tv_bottleneck": (TVStyleNet, (3, 16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("criterion,scope", [("bn_gamma", "global"), ("l1", "layer"), ("l1", "global")])
+def test_pruned_equals_masked_original(case, criterion, scope):
+    make, (cin, hw) = CASES[case]
+    model = _randomize(make())
+    pruned = prune(model, 0.5, criterion, scope)
+    plan = pruned.prune_plan
+    assert plan.kept and any(len(v) < plan.groups[k].channels for k, v in plan.kept.items())
+    x = torch.rand(4, cin, hw, hw)
+    with torch.no_grad():
+        out = pruned(x)
+    torch.testing.assert_close(out, _masked_forward(model, plan, x), rtol=1e-4, atol=1e-4)
+    # ...and pruning did change the function (the check above can fail):
+    with torch.no_grad():
+        assert not torch.allclose(out, model(x), atol=1e-3)
+
+
+def test_shapes_small_vgg():
+    model = _randomize(build("small_vgg"))
+    pruned = prune(model, 0.5, "l1", "layer")
+    f = pruned.features
+    convs = [m for m in f if isinstance(m, nn.Conv2d)]
+    bns = [m for m in f if isinstance(m, nn.BatchNorm2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert [c.in_channels for c in convs] == [3, 32, 32, 64, 64, 128]
+    assert [tuple(c.weight.shape[:2]) for c in convs] == [(32, 3), (32, 32), (64, 32), (64, 64), (128, 64), (128, 128)]
+    assert all(b.num_features == c.out_channels == b.running_mean.numel() == b.weight.numel() for b, c in zip(bns, convs))
+    assert pruned.classifier.in_features == 128 and pruned.classifier.weight.shape == (10, 128)
+    # the original is untouched
+    assert [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)] == [64, 64, 128, 128, 256, 256]
+
+
+def test_kept_channels_are_the_largest_by_the_criterion():
+    model = _randomize(build("small_vgg"))
+    plan = make_plan(model, 0.25, "bn_gamma", "layer")
+    gam = model.features[1].weight.detach().abs()
+    assert sorted(plan.kept["features.0"]) == sorted(torch.topk(gam, 16).indices.tolist())
+    l1 = channel_scores(model, "l1")["features.3"]
+    assert torch.allclose(l1, model.features[3].weight.detach().abs().sum((1, 2, 3)).double())
+    # global: one threshold over every layer's |gamma|
+    plan = make_plan(model, 0.3, "bn_gamma", "global")
+    allg = torch.cat([model.get_submodule(plan.groups[k].bn).weight.detach().abs() for k in plan.kept])
+    thr = torch.sort(allg, descending=True).values[round(0.3 * len(allg)) - 1]
+    for k, kept in plan.kept.items():
+        g = model.get_submodule(plan.groups[k].bn).weight.detach().abs()
+        assert set(kept) == set(torch.nonzero(g >= thr).flatten().tolist()) or len(kept) == 1
+
+
+def test_flops_and_parameter_counts():
+    model = _randomize(build("small_vgg"))
+    pruned = prune(model, 0.5, "l1", "layer")
+    x = torch.rand(2, 3, 32, 32)
+    widths = [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
+    sizes = [32, 32, 16, 16, 8, 8]
+    macs = sum(ci * co * 9 * s * s for (ci, co), s in zip(widths, sizes)) + 128 * 10
+    assert count_flops(pruned, x).total == macs
+    dense = count_flops(model, x).total
+    assert 0.24 < macs / dense < 0.27  # each conv ~ a quarter; the first keeps its 3 inputs
+    params = sum(ci * co * 9 + 2 * co for ci, co in widths) + 128 * 10 + 10
+    assert parameter_count(pruned) == params
+
+
+def test_keep_for_flops_hits_the_target():
+    model = _randomize(build("small_vgg"))
+    x = torch.rand(2, 3, 32, 32)
+    for target in (0.3, 0.5):
+        keep = keep_for_flops(model, target, x, "l1", "layer")
+        ratio = count_flops(prune(model, keep, "l1", "layer"), x).total / count_flops(model, x).total
+        assert abs(ratio - target) < 0.02, (target, keep, ratio)
+
+
+def test_resnet_prunes_only_inside_blocks():
+    groups, skipped = prunable_groups(build("resnet20"))
+    names = [g.conv for g in groups]
+    assert names == [f"layer{i}.{j}.conv1" for i in (1, 2, 3) for j in range(3)]
+    assert "residual" in skipped["conv1"] and "residual" in skipped["layer2.0.conv2"]
+    assert "residual" in skipped["layer2.0.downsample.0"]
+    groups, skipped = prunable_groups(TVStyleNet())
+    # the stem feeds only convs here (block 0's conv1 and its projection shortcut): prunable too
+    assert {g.conv for g in groups} == {"conv1"} | {f"layer1.{i}.conv{j}" for i in (0, 1) for j in (1, 2)}
+    stem = next(g for g in groups if g.conv == "conv1")
+    assert sorted(stem.consumers) == [("layer1.0.conv1", 0), ("layer1.0.downsample.0", 0)]
+    assert "output" in skipped["head"]
+
+
+def test_state_dict_round_trip(tmp_path):
+    model = _randomize(build("small_vgg"))
+    pruned = prune(model, 0.4)
+    meta = {"arch": "small_vgg", "num_classes": 10, "in_channels": 3, "decoupled": False}
+    path = checkpoint.save(tmp_path / "p.pt", pruned, pruned_meta(pruned, meta))
+    loaded, m2 = load_pruned(path)
+    assert m2["prune"]["widths"] == pruned.prune_plan.widths
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned.eval()(x))
+    # a plain state_dict loads into the resized skeleton, and not into the unpruned model
+    skel = resize(build("small_vgg"), pruned.prune_plan.widths)
+    skel.load_state_dict(pruned.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build("small_vgg").load_state_dict(pruned.state_dict())
+    with pytest.raises(checkpoint.CheckpointError, match="not a pruned-model checkpoint"):
+        load_pruned(checkpoint.save(tmp_path / "d.pt", model, meta))
+
+
+def test_pruned_model_trains():
+    from pydecouple.train import train
+
+    model = build("tiny_cnn", in_channels=1)
+    pruned = prune(model, 0.5, "l1", "layer")
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    before = pruned.features[0].weight.detach().clone()
+    hist = train(pruned, (x, y), epochs=1, batch_size=32, progress=False)
+    assert hist[0]["train_ce"] > 0 and not torch.equal(before, pruned.features[0].weight)
+
+
+def test_slimming_l1_adds_the_subgradient():
+    model = build("tiny_cnn", in_channels=1)
+    _randomize(model).train()
+    x = torch.rand(8, 1, 8, 8)
+    model(x).sum().backward()
+    g0 = model.features[1].weight.grad.clone()
+    model.zero_grad()
+    h = slimming_l1(model, 0.1)
+    model(x).sum().backward()
+    gam = model.features[1].weight.detach()
+    torch.testing.assert_close(model.features[1].weight.grad, g0 + 0.1 * torch.sign(gam))
+    h.remove()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(model.features[1].weight.grad, g0)
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(keep=0.0), "'keep'"), (dict(keep=1.5), "'keep'"), (dict(keep="half"), "'keep'"),
+    (dict(keep=0.5, criterion="l2"), "'criterion'"), (dict(keep=0.5, scope="block"), "'scope'"),
+    (dict(keep=0.5, min_channels=0), "'min_channels'"), (dict(keep=0.5, round_to=0), "'round_to'"),
+    (dict(keep=0.5, min_fraction=2.0), "'min_fraction'"), (dict(keep={"features.0": 0.0}), "'keep\\['features.0'\\]'"),
+])
+def test_bad_arguments_are_named(kwargs, arg):
+    with pytest.raises(ValueError, match=arg) as e:
+        prune(build("small_vgg"), **kwargs)
+    assert "got" in str(e.value)
+
+
+def test_bad_models_and_plans_are_named():
+    with pytest.raises(KeyError, match="'keep'"):
+        prune(build("small_vgg"), {"classifier": 0.5})
+    with pytest.raises(ValueError, match="'model'.*decoupled"):
+        prune(build("small_vgg", decoupled=True), 0.5)
+    with pytest.raises(TypeError, match="'model'"):
+        prune("small_vgg", 0.5)
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + x
+
+    with pytest.raises(ValueError, match="no prunable conv.*addition"):
+        prune(Residual(), 0.5)
+    plan = make_plan(build("small_vgg"), 0.5)
+    with pytest.raises(ValueError, match="'plan' was made for another model"):
+        apply_plan(build("vgg16"), plan)  # same conv names and widths, but features.17 feeds a conv there
+    with pytest.raises(ValueError, match="'plan' was made for another model"):
+        apply_plan(build("resnet20"), plan)
+    with pytest.raises(ValueError, match="'widths\\['features.0'\\]'"):
+        resize(build("small_vgg"), {"features.0": 65})
+    with pytest.raises(ValueError, match="'strength'"):
+        slimming_l1(build("small_vgg"), -1.0)
+    with pytest.raises(ValueError, match="'target'"):
+        keep_for_flops(build("small_vgg"), 1.5, torch.rand(2, 3, 32, 32))
