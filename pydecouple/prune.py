@@ -60,7 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["PruneGroup", "PrunePlan", "prunable_groups", "channel_scores", "make_plan", "apply_plan", "prune",
-           "resize", "keep_for_flops", "slimming_l1", "pruned_meta", "load_pruned", "parameter_count",
+           "resize", "keep_for_flops", "slimming_l1", "recalibrate_bn", "pruned_meta", "load_pruned",
+           "parameter_count",
            "CRITERIA", "SCOPES"]
 
 CRITERIA = ("bn_gamma", "l1")
@@ -541,6 +542,61 @@ def slimming_l1(model: nn.Module, strength: float) -> _Handles:
     if not handles:
         raise ValueError("slimming_l1: argument 'model' has no prunable conv followed by an affine BatchNorm")
     return handles
+
+
+# ----------------------------------------------------------------------------- BN statistics
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 256, include_gates: bool = False,
+                   progress: bool = False) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``images`` with the
+    rest of the model in eval mode, in place; returns ``model`` in eval mode.
+
+    Why: a pruned model's BNs hold the statistics of channels it no longer
+    sums; a decoupled model's were collected under training gates (noisy,
+    half of them soft), while at inference its gates are hard. Either way the
+    eval-time inputs of a BN differ from what its statistics describe. The new
+    statistics are exact averages over ``images`` (momentum None). The BNs that
+    normalise gate logits inside ACMs are left alone unless ``include_gates``
+    (they set the gates' thresholds, hence the FLOPs).
+    """
+    from .nn.gate import ArchitectureControl
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        _err("images", "a non-empty 4-D batch (N, C, H, W)", type(images).__name__ if not isinstance(images, torch.Tensor)
+             else f"shape {tuple(images.shape)}", TypeError)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        _err("batch_size", "an int >= 2 (batch statistics)", batch_size)
+    gate_bns = set()
+    if not include_gates:
+        gate_bns = {id(b) for m in model.modules() if isinstance(m, ArchitectureControl) for b in m.modules()}
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and id(m) not in gate_bns]
+    if not bns:
+        _err("model", "a model with BatchNorm layers that track running statistics", type(model).__name__)
+    model.eval()
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None  # cumulative average: every batch counts alike
+        b.train()
+    device = next(model.parameters()).device
+    starts = range(0, len(images) - 1, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="recalibrate BN", leave=False)
+    try:
+        for i in starts:
+            xb = images[i:i + batch_size]
+            if len(xb) >= 2:
+                model(xb.to(device))
+    finally:
+        for b, mom in zip(bns, momenta):
+            b.momentum = mom
+            b.eval()
+    return model
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -12,7 +12,57 @@ from pydecouple.models import build
 from pydecouple.prune import (apply_plan, channel_scores, keep_for_flops, load_pruned, make_plan, parameter_count,
                               prunable_groups, prune, pruned_meta, resize, slimming_l1)
 
-from test_decouple import TVStyleNet, _randomize_bn
+
+class TVBottleneck(nn.Module):
+    """torchvision's Bottleneck, reproduced (torchvision is not a dependency)."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class TVStyleNet(nn.Module):
+    """A torchvision-style ResNet stem and stage, with a conv head that feeds the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        ds = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+        self.layer1 = nn.Sequential(TVBottleneck(16, 8, 2, ds), TVBottleneck(32, 8))
+        self.head = nn.Conv2d(32, 10, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.pool(self.head(x)).flatten(1)
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,3 +293,29 @@ def test_bad_models_and_plans_are_named():
         slimming_l1(build("small_vgg"), -1.0)
     with pytest.raises(ValueError, match="'target'"):
         keep_for_flops(build("small_vgg"), 1.5, torch.rand(2, 3, 32, 32))
+
+
+def test_recalibrate_bn_matches_the_eval_time_statistics():
+    from pydecouple.prune import recalibrate_bn
+
+    model = _randomize(build("tiny_cnn", in_channels=1))
+    x = torch.rand(96, 1, 8, 8)
+    pruned = prune(model, 0.5, "l1", "layer")
+    recalibrate_bn(pruned, x, batch_size=32)
+    assert not pruned.training
+    with torch.no_grad():
+        h = pruned.features[0](pruned.normalize(x))
+    torch.testing.assert_close(pruned.features[1].running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert pruned.features[1].momentum == 0.1  # restored
+    # a decoupled model: the gates' logit-norm statistics are left alone by default
+    dec = build("tiny_cnn", in_channels=1, decoupled=True, decouple_kwargs=dict(logit_norm=True))
+    from pydecouple.nn import gate_modules
+
+    g = gate_modules(dec)[0][1]
+    before = g.norm.running_mean.clone()
+    recalibrate_bn(dec, x, batch_size=32)
+    assert torch.equal(g.norm.running_mean, before)
+    recalibrate_bn(dec, x, batch_size=32, include_gates=True)
+    assert not torch.equal(g.norm.running_mean, before)
+    with pytest.raises(ValueError, match="'batch_size'"):
+        recalibrate_bn(dec, x, batch_size=1)
