@@ -18,7 +18,12 @@ Arms (one run folder each under ``--runs``, ``<arm>_s<seed>``):
 Options after ``+`` (e.g. ``dec@0.63+kd=0.5/4+lr=0.05``): ``kd=W/T`` distillation from the
 base (weight W, temperature T); ``lr=X``; ``ep=N`` (fine-tuning epochs); for ``prune``/``slim``:
 ``crit=l1``, ``scope=layer``, ``l1=S``, ``sep=N``; for ``dec``: ``lamk=X``, ``anneal=0|1``,
-``ws=STEPS`` (gate warm start). ``dense_ft`` takes ``kd``, ``lr``, ``ep``.
+``ws=STEPS`` (gate warm start), ``hard=N`` (the last N epochs train with every gate hard, as at
+inference, instead of half of them soft). ``dense_ft`` takes ``kd``, ``lr``, ``ep``.
+
+Every arm but ``dense`` also reports ``test_acc_recal``: the accuracy after its BatchNorm
+statistics are re-estimated on the training images under the eval-time function
+(``pydecouple.prune.recalibrate_bn``: pruned channels, hard gates); a forward pass, no training.
 
 Every fine-tuning arm gets the same number of epochs over the same images
 (``ep``, default the data set's budget), so the comparison is at equal training.
@@ -87,7 +92,7 @@ DATASETS: Dict[str, Dict[str, Any]] = {
 ARM_RE = re.compile(r"^(dense|dense_ft|prune|slim|dec)(?:@([0-9.]+))?((?:\+[a-z0-9]+(?:=[^+]+)?)*)$")
 OPTIONS = {"dense": set(), "dense_ft": {"kd", "lr", "ep"},
            "prune": {"kd", "lr", "ep", "crit", "scope"}, "slim": {"kd", "lr", "ep", "crit", "scope", "l1", "sep"},
-           "dec": {"kd", "lr", "ep", "lamk", "anneal", "ws"}}
+           "dec": {"kd", "lr", "ep", "lamk", "anneal", "ws", "hard"}}
 
 
 def parse_arm(arm: str) -> Tuple[str, Optional[float], Dict[str, str]]:
@@ -236,6 +241,13 @@ def train_arm(cfg: Dict[str, Any], arm: str, seed: int, runs: Path, train_data, 
                     extra_train["gate_noise_final"] = 0.0
             if "ws" in opts:
                 extra_train["gate_warm_start_steps"] = int(opts["ws"])
+        if "hard" in opts:  # the same schedule, cut in two: the last N epochs with hard gates
+            from pydecouple.nn import gate_modules
+
+            train(model, train_data, test_data, epochs=epochs, lr=ft["lr"], loss=loss, out_dir=str(out), meta=meta,
+                  resume=True, stop_after_epochs=epochs - int(opts["hard"]), **common, **extra_train)
+            for _, g in gate_modules(model):
+                g.hard_fraction = 1.0
         hist = train(model, train_data, test_data, epochs=epochs, lr=ft["lr"], loss=loss, out_dir=str(out),
                      meta=meta, resume=True, **common, **extra_train)
         res["train_epochs"] = ft["epochs"]
@@ -247,6 +259,13 @@ def train_arm(cfg: Dict[str, Any], arm: str, seed: int, runs: Path, train_data, 
                seconds_per_epoch=statistics.median([h["seconds"] for h in hist if "seconds" in h] or [0]),
                train_acc=hist[-1].get("train_acc") if hist else None, history=hist,
                checkpoint=str(out / "last.pt"))
+    if kind != "dense":
+        from pydecouple.prune import recalibrate_bn
+
+        recal = recalibrate_bn(copy.deepcopy(model), train_data[0][:10000])
+        evr = evaluate(recal, *test_data)
+        res["test_acc_recal"] = evr["acc"]
+        res["flops_ratio_recal"] = evr.get("flops_ratio")
     if kind == "dec":
         res["flops_ratio"] = ev["flops_ratio"]
         res["constant_gates"] = ev["constant_gates"]
@@ -347,6 +366,8 @@ def summarize(results_by_arm: Dict[str, List[Dict[str, Any]]], timing: List[Dict
                "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "acc_seeds": " ".join(f"{100 * a:.1f}" for a in accs),
                "flops_ratio": statistics.mean(r["flops_ratio"] for r in rs),
+               "acc_recal_mean": (statistics.mean(r["test_acc_recal"] for r in rs)
+                                  if all("test_acc_recal" in r for r in rs) else float("nan")),
                "params": r0["params"], "ft_epochs": r0.get("train_epochs"),
                "s_per_epoch": r0.get("seconds_per_epoch")}
         for dt in ("float32", "bfloat16"):
@@ -381,12 +402,12 @@ def write_table(rows: List[Dict[str, Any]], out: Path, header: str) -> None:
         return f"{v:.2f} ({r[f'{dt}_b{b}_speedup']:.2f}x, {lay})"
 
     lines = [header, "",
-             "| arm | seeds | test acc % (mean ± sd) | per seed | FLOPs | params | fp32 b1 ms | fp32 b32 ms | "
-             "bf16 b1 ms | bf16 b32 ms | bf16 acc (subset) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| arm | seeds | test acc % (mean ± sd) | per seed | after BN recal | FLOPs | params | fp32 b1 ms | "
+             "fp32 b32 ms | bf16 b1 ms | bf16 b32 ms | bf16 acc (subset) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seeds']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | "
-                     f"{r['acc_seeds']} | {r['flops_ratio']:.3f} | {r['params'] / 1e6:.3f}M | "
+                     f"{r['acc_seeds']} | {_pct(r['acc_recal_mean'])} | {r['flops_ratio']:.3f} | {r['params'] / 1e6:.3f}M | "
                      f"{lat(r, 'float32', 1)} | {lat(r, 'float32', 32)} | {lat(r, 'bfloat16', 1)} | "
                      f"{lat(r, 'bfloat16', 32)} | {_pct(r['bfloat16_acc_subset'])} |")
     lines += ["", "Latency: median ms per batch, best of NCHW / channels_last (CL); in brackets the speedup over "
