@@ -2,6 +2,9 @@
 original with the pruned channels zeroed, counts its FLOPs and parameters right,
 refuses bad arguments by name, and survives a checkpoint round trip."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -319,3 +322,38 @@ def test_recalibrate_bn_matches_the_eval_time_statistics():
     assert not torch.equal(g.norm.running_mean, before)
     with pytest.raises(ValueError, match="'batch_size'"):
         recalibrate_bn(dec, x, batch_size=1)
+
+
+COMPARE = Path(__file__).resolve().parents[1] / "benchmarks" / "prune" / "compare.py"
+
+
+def test_compare_script_trains_times_and_retimes(tmp_path):
+    """benchmarks/prune/compare.py end to end on digits, a few steps per epoch: every arm
+    trains from the base, the table and the plot are written, and --time-only rebuilds
+    them from the saved checkpoints alone."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    runs, out = tmp_path / "runs", tmp_path / "res" / "digits"
+    args = [sys.executable, str(COMPARE), "--data", "digits", "--runs", str(runs), "--out", str(out),
+            "--arms", "dense", "prune@0.5", "dec@0.65+kd=0.5/4", "--dtypes", "float32", "--repeats", "1",
+            "--min-time", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(args + ["--quick", "2"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((runs / "prune_0.5_s0" / "result.json").read_text())
+    assert abs(res["flops_ratio"] - 0.5) < 0.02 and res["widths"] and "test_acc_recal" in res
+    dec = json.loads((runs / "dec_0.65_kd_0.5_4_s0" / "result.json").read_text())
+    assert dec["history"][-1]["train_kd"] > 0 and 0 < dec["flops_ratio"] <= 1.01
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["arm"] for r in rows] == ["dense", "prune@0.5", "dec@0.65+kd=0.5/4"]
+    assert all(float(r["float32_b32_ms"]) > 0 for r in rows) and out.with_suffix(".png").stat().st_size > 10000
+    out.with_suffix(".csv").unlink()
+    proc = subprocess.run(args + ["--time-only"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["acc_mean"] for r in again] == [r["acc_mean"] for r in rows]  # read back, not retrained
+    bad = subprocess.run(args[:2] + ["--data", "digits", "--arms", "dec@0.5+crit=l1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "option 'crit'" in bad.stderr

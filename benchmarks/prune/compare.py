@@ -427,7 +427,9 @@ def plot(rows: List[Dict[str, Any]], png: Path, title: str) -> None:
               ("bfloat16_b32_ms", "latency ms, bfloat16, batch 32")]
     style = {"dense": ("k", "*"), "dense_ft": ("k", "P"), "prune": ("tab:blue", "s"), "slim": ("tab:cyan", "D"),
              "dec": ("tab:red", "o")}
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.6), sharey=True)
+    fig, grid = plt.subplots(2, 3, figsize=(15, 9), sharey=True)
+    axes = [grid[0, 0], grid[0, 1], grid[0, 2], grid[1, 1], grid[1, 2]]
+    grid[1, 0].axis("off")
     for ax, (key, xl) in zip(axes, panels):
         for kind in style:
             for kd in (False, True):
@@ -444,8 +446,10 @@ def plot(rows: List[Dict[str, Any]], png: Path, title: str) -> None:
                                 textcoords="offset points")
         ax.set_xlabel(xl)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=7)
+    for ax in (grid[0, 0], grid[1, 1]):
+        ax.set_ylabel("test accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    grid[1, 0].legend(handles, labels, loc="center", fontsize=9, title="arms (error bars: sd over seeds)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
