@@ -254,6 +254,10 @@ def train_arm(cfg: Dict[str, Any], arm: str, seed: int, runs: Path, train_data, 
         res["lr"] = ft["lr"]
     model.eval()
     ev = evaluate(model, *test_data)
+    # Training accuracy of the inference-time function (no augmentation, hard gates): with the
+    # test accuracy it says whether an arm under-fits or over-fits.
+    n_fit = min(5000, len(train_data[0]))
+    res["train_acc_eval"] = evaluate(model, train_data[0][:n_fit], train_data[1][:n_fit])["acc"]
     dense_macs = _macs(build(cfg["arch"], len(classes), in_channels=cfg["in_channels"]), xte)
     res.update(test_acc=ev["acc"], params=parameter_count(model), train_seconds=round(time.time() - t0, 1),
                seconds_per_epoch=statistics.median([h["seconds"] for h in hist if "seconds" in h] or [0]),
