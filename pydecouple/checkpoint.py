@@ -12,7 +12,7 @@ Layout::
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -44,7 +44,7 @@ def save(path: Union[str, Path], model: nn.Module, meta: Dict[str, Any], extra: 
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": FORMAT, "version": VERSION, "meta": dict(meta),
             "state_dict": _unwrap(model).state_dict(), "extra": extra or {}}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
@@ -56,6 +56,19 @@ def save(path: Union[str, Path], model: nn.Module, meta: Dict[str, Any], extra: 
             os.unlink(tmp)
         raise
     return path
+
+
+def _create_temp(path: Path) -> Tuple[int, str]:
+    """A new temp file beside ``path``, created with mode 0o666 less the umask, as
+    ``torch.save(obj, path)``'s ``open()`` would: ``tempfile.mkstemp`` makes it
+    0o600, and the rename would leave every checkpoint unreadable to the group."""
+    for _ in range(100):
+        tmp = str(path.parent / f"{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary file name for {path.name}")
 
 
 def load(path: Union[str, Path], map_location: str = "cpu") -> Dict[str, Any]:

@@ -69,6 +69,12 @@ def _cifar_npz(path: Path, split: str) -> Tuple[torch.Tensor, torch.Tensor, List
                         f"(x_train, y_train, x_test, y_test): {type(e).__name__}: {e}") from e
     if len(x) != len(y):
         raise DataError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: expected integer class labels of shape (N,) in y_{split}, got {y.dtype} of shape {y.shape}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+        # Labels past the class list fail later, inside the loss, as an index error.
+        raise DataError(f"{path}: expected labels from 0 to {len(classes) - 1} in y_{split} (the file names "
+                        f"{len(classes)} classes), got labels from {int(y.min())} to {int(y.max())}")
     return _from_nhwc(x, path, f"x_{split}"), torch.from_numpy(y.astype(np.int64)), classes
 
 

@@ -176,7 +176,7 @@ def _record_epoch(rec: Dict[str, Any], model: nn.Module, test_data: Optional[Dat
     if test_data is not None:
         ev = evaluate(model, test_data[0], test_data[1], eval_batch_size, loss, device)
         rec.update({f"test_{k}" if k in ("acc", "ce") else k: v for k, v in ev.items()})
-    log.info("%s", json.dumps(rec))
+    log.info("%s", json.dumps(rec), extra={"metrics": rec})  # the command shows it as a short line
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "metrics.jsonl", "a") as f:
@@ -291,6 +291,12 @@ def train(
     xtr, ytr = train_data
     if len(xtr) != len(ytr) or len(xtr) == 0:
         raise ValueError(f"train: train_data has {len(xtr)} images and {len(ytr)} labels")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"train: epochs must be an int >= 1, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"train: batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train: lr must be a finite number > 0, got {lr!r}")
     if gate_warm_start_steps < 0:
         raise ValueError(f"train: gate_warm_start_steps must be >= 0 (0: no warm start), got {gate_warm_start_steps}")
     if gate_noise_final is not None and gate_noise_final < 0:
@@ -316,13 +322,19 @@ def train(
     last = out / "last.pt" if out else None
     if resume and last is not None and last.is_file():
         blob = ckpt.load(last, map_location=str(device) if device.type != "cuda" else "cpu")
-        model.load_state_dict(blob["state_dict"])
-        ex = blob["extra"]
-        opt.load_state_dict(ex["optimizer"])
-        sched.load_state_dict(ex["scheduler"])
-        if loss is not None and ex.get("loss") is not None:
-            loss.load_state_dict(ex["loss"])
-        start_epoch = int(ex["epoch"]) + 1
+        try:  # a last.pt of another model or loss, or without training state: one clear error, not a traceback
+            model.load_state_dict(blob["state_dict"])
+            ex = blob["extra"]
+            opt.load_state_dict(ex["optimizer"])
+            sched.load_state_dict(ex["scheduler"])
+            if loss is not None and ex.get("loss") is not None:
+                loss.load_state_dict(ex["loss"])
+            start_epoch = int(ex["epoch"]) + 1
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise ckpt.CheckpointError(
+                f"{last}: cannot resume from it: it is not this run's training state (another model, loss or "
+                f"optimizer, or no training state): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            ) from e
         history = list(ex.get("history") or [])
         if rank == 0:
             log.info("resumed from %s at epoch %d", last, start_epoch)

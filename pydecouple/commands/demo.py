@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._common import EXIT_USAGE, UsageError, make_out_dir
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
@@ -20,8 +22,13 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import run as run_demo
 
     try:
+        make_out_dir("--out", args.out)  # before minutes of work, not after
+    except UsageError as e:
+        print(f"pydecouple demo: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         run_demo(data=args.data, out=args.out, quick=args.quick, seed=args.seed)
     except (DataError, FileNotFoundError) as e:
-        print(f"pydecouple demo: {e}", file=sys.stderr)
-        return 2
+        print(f"pydecouple demo: argument --data: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 0

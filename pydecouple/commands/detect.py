@@ -9,24 +9,43 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from fractions import Fraction
 
+from ._common import UsageError, integer
 from .analyze import EXIT_BAD_INPUT, EXIT_OK, _setup_logging, add_common, load_inputs, run_info
 
 log = logging.getLogger("pydecouple.detect")
 
 
 def parse_eps(text: str) -> float:
-    """'8/255', '0.03' -> float, in pixel units."""
+    """'8/255', '0.03' -> float, in pixel units, in (0, 1] (0 attacks nothing: no detector can be fit)."""
     try:
         v = float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}")
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"eps is in pixel units and must lie in [0, 1], got {v}")
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}")
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a size in pixel units in (0, 1], got {text!r}")
     return v
+
+
+def parse_c(text: str):
+    """'auto' or a finite number > 0 (LogisticRegression's C)."""
+    if text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}")
+    return v
+
+
+# Two test images per class: one for the half the learned detector is fit on, one for the half it is measured on.
+MIN_PER_CLASS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", type=parse_eps, default=8 / 255,
                         help="L-inf radius in pixel units, e.g. 8/255 (default) or 0.03")
     parser.add_argument("--attacks", default="fgsm,pgd", help="comma-separated, from fgsm,pgd (default both)")
-    parser.add_argument("--pgd-steps", type=int, default=10, help="PGD iterations (default 10)")
+    parser.add_argument("--pgd-steps", type=integer(1), default=10, help="PGD iterations (default 10)")
     parser.add_argument("--pgd-step", type=parse_eps, default=None,
                         help="PGD step size in pixel units (default 2.5 * eps / steps)")
     parser.add_argument("--no-random-start", action="store_true", help="start PGD at the clean image")
     parser.add_argument("--save-paths", default=None, metavar="DIR",
                         help="also keep the clean, reference and attacked paths there (npz) for later study")
-    parser.add_argument("--C", default="auto",
+    parser.add_argument("--C", type=parse_c, default="auto",
                         help="inverse L2 strength of the learned detector, or 'auto' (default): chosen by "
                              "cross-validation on the fit half only")
 
@@ -49,21 +68,18 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging()
     from pydecouple.adversarial import detect
 
-    if args.C != "auto":
-        try:
-            args.C = float(args.C)
-        except ValueError:
-            log.error("detect: --C must be a number or 'auto', got %r", args.C)
-            return EXIT_BAD_INPUT
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     bad = [a for a in attacks if a not in ("fgsm", "pgd")]
     if bad or not attacks:
-        log.error("detect: unknown attack(s) %s; choose from fgsm, pgd", bad or "(none given)")
+        log.error("pydecouple detect: argument --attacks: expected a comma-separated list from fgsm, pgd, got %r", args.attacks)
         return EXIT_BAD_INPUT
     try:
-        model, meta, x, y, xr, yr, _names = load_inputs(args)
+        model, meta, x, y, xr, yr, _names = load_inputs(args, min_per_class=MIN_PER_CLASS)
+    except UsageError as e:
+        log.error("pydecouple detect: %s", e)
+        return EXIT_BAD_INPUT
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
-        log.error("detect: %s", e)
+        log.error("pydecouple detect: %s", e)
         return EXIT_BAD_INPUT
     try:
         rep = detect(model, x, y, args.out, eps=args.eps, attacks=attacks, pgd_iters=args.pgd_steps,
@@ -72,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                      progress=not args.no_progress, save_paths=args.save_paths,
                      info=run_info(args, meta))
     except ValueError as e:
-        log.error("detect: %s", e)
+        log.error("pydecouple detect: %s", e)
         return EXIT_BAD_INPUT
     from pydecouple.paths import _pct
 
