@@ -79,8 +79,32 @@ def test_relu_must_be_a_bool_in_the_checks(relu):
     assert normalize_conv_args(X, W, None, OM, None, 1, 0, 1, 1, relu=np.bool_(True)).relu is True
 
 
-@pytest.mark.xfail(strict=True, reason="pydecouple/ops.py must pass relu to normalize_conv_args "
-                                       "(normalize_conv_args(..., groups, relu=relu)); owned by another engineer")
+def _ops_forwards_relu() -> bool:
+    """Whether pydecouple.ops.gated_conv2d hands relu to the checks (another engineer's
+    file, changed while this was written): the wiring, not the behaviour tested below."""
+    from pydecouple import ops
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(len(args) == 10 or "relu" in kwargs)
+        raise Stop
+
+    orig, ops.normalize_conv_args = ops.normalize_conv_args, spy
+    try:
+        ops.gated_conv2d(X, W, relu=True)
+    except Stop:
+        pass
+    finally:
+        ops.normalize_conv_args = orig
+    return bool(seen and seen[0])
+
+
+@pytest.mark.xfail(not _ops_forwards_relu(), strict=True,
+                   reason="pydecouple/ops.py does not pass relu to normalize_conv_args yet (another engineer's file)")
 def test_relu_yes_refused_by_gated_conv2d():
     with pytest.raises(TypeError, match=r"argument 'relu' must be a bool .*, got 'yes'"):
         gated_conv2d(X, W, None, OM, relu="yes")
