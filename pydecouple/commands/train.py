@@ -253,7 +253,8 @@ def _run(args: argparse.Namespace) -> int:
             check_model_fits_data(model, xtr, torch.cat((ytr, yte)), "--arch", arch, "--data", args.data, meta)
     except UsageError as e:
         print(f"pydecouple train: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        # docs/method.md's exit codes: 3 where the data or a checkpoint is at fault, 2 for other arguments
+        return EXIT_DATA if e.arg in ("--data", "--init") else EXIT_USAGE
     meta.update({"dataset": str(args.data), "classes": list(classes)})
     loss = None
     if is_decoupled(model):
