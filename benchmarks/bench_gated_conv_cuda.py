@@ -6,8 +6,9 @@ channels per sample, at random positions) and dtype it times, with
 
 - dense:  cuDNN F.conv2d followed by the out-mask (what gating codebases do);
           the baseline of every speedup
-- triton: the Triton kernel (pydecouple.kernels.gated_conv2d_triton, autotuned)
-- cuda:   the CUDA C++ kernel (torch.ops.pydecouple.gated_conv2d_cuda), where built
+- triton: the Triton kernel, autotuned (pydecouple.gated_conv2d(..., backend="triton"));
+          triton_compact / triton_gather force one input strategy of its launcher
+- cuda:   the CUDA C++ kernel (pydecouple.gated_conv2d(..., backend="cuda")), where built
 - cut:    cuDNN on the problem already cut to the kept channel counts: the
           practical limit of skipping
 - ideal:  1 / (f_in * f_out)
@@ -33,10 +34,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import pydecouple
 from pydecouple.benchmarking import fixed_count_mask, markdown_table, write_csv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gated_conv import RESNET_IMAGENET, VGG16_CIFAR  # noqa: E402  (the CPU benchmark's layer set)
+from common import RESNET_IMAGENET, VGG16_CIFAR  # noqa: E402  (the layer sets, shared with the CPU benchmark)
 
 # (name, Cin, Cout, H, kernel, stride): ResNet-50's ImageNet layers (v1.5, the
 # stride in the 3x3), one of each distinct shape.
@@ -132,9 +134,10 @@ def bench_case(layer, batch, f, dtype_name, layout, gen, warmup, rep, providers)
 
     fns = {
         "dense": lambda: F.conv2d(x, w, b, stride, pad) * omf,
-        "triton": lambda: gated_conv2d_fwd(x, w, b, om, im, s2, p4, d2, 1, False),
-        "cuda": (lambda: torch.ops.pydecouple.gated_conv2d_cuda(x, w, b, om, im, [stride] * 2, [pad] * 4, [1, 1], 1,
-                                                                 False)) if has_cuda else None,
+        # The public op with its backend pinned (the one dispatch point); the
+        # two triton_* rows below force one of the Triton launcher's input strategies.
+        "triton": lambda: pydecouple.gated_conv2d(x, w, b, om, im, stride, pad, backend="triton"),
+        "cuda": (lambda: pydecouple.gated_conv2d(x, w, b, om, im, stride, pad, backend="cuda")) if has_cuda else None,
         "cut": lambda: F.conv2d(x_cut, w_cut, None, stride, pad),
         "triton_compact": lambda: gated_conv2d_fwd(x, w, b, om, im, s2, p4, d2, 1, False, compact=True),
         "triton_gather": lambda: gated_conv2d_fwd(x, w, b, om, im, s2, p4, d2, 1, False, compact=False),

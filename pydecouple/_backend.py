@@ -1,14 +1,27 @@
-"""Which implementation of ``gated_conv2d`` runs, and why not the others.
+"""Which implementation of ``gated_conv2d`` runs, and why not the others: the
+one dispatch point.
 
-Each backend answers ``why_not(problem)``: ``None`` when it can run the problem,
+Every caller goes through :func:`run` (or asks :func:`choose` which backend
+``run`` would take): the public op :func:`pydecouple.gated_conv2d`, its
+registered form under autograd and ``torch.compile``, the accelerated
+modules of :mod:`pydecouple.accelerate`, the benchmarks and the demo. No
+other module calls a compiled kernel or restates the rule below.
+
+Each backend answers ``why_not(x)``: ``None`` when it can run the problem,
 else a sentence saying why not (device, dtype, missing build). The dispatcher
-tries them in priority order for the problem's device. ``PYDECOUPLE_BACKEND``
-(``reference``, ``dense``, ``cpu``, ``triton``, ``cuda``) forces one; a forced
-backend that cannot run is an error listing its reason, never a silent fallback.
+tries them in priority order for the problem's device. A caller pins one with
+``backend=`` (``reference``, ``dense``, ``cpu``, ``triton``, ``cuda``);
+``PYDECOUPLE_BACKEND`` pins one for every caller that does not. A pinned
+backend that cannot run is an error listing its reason, never a silent
+fallback.
 
 Automatic choice adds one rule on top of priority: where gating cannot pay
 (most channels kept, see :func:`gating_threshold`) the ``dense`` backend runs,
-which is PyTorch's own convolution followed by the mask.
+which is PyTorch's own convolution followed by the mask. That rule reads the
+masks on the host, so it is made only on the CPU and never while a graph is
+captured (``torch.compile``, ``torch.export``, ``torch.jit.trace``): a capture
+would freeze the choice, and the kernel, which serves every kept fraction,
+runs there instead.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import torch
 from .reference import gated_conv2d_reference
 
 ENV_VAR = "PYDECOUPLE_BACKEND"
-
+AUTO = "auto"  # backend= value: the automatic choice, whatever PYDECOUPLE_BACKEND says
 
 
 @dataclass
@@ -55,7 +68,41 @@ def extension_available() -> bool:
     return _load_extension() is None
 
 
+def capturing() -> bool:
+    """Whether a graph is being captured (torch.compile, torch.export,
+    torch.jit.trace): no decision may then read a tensor's values, since the
+    capture would freeze it."""
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
 # ----------------------------------------------------------------------------- backends
+
+# Whether each compiled kernel is in the build: fixed once the extension is
+# loaded, and a lookup on torch.ops costs microseconds, so it is asked once.
+_KERNEL_ABSENT = {
+    "gated_conv2d_cpu": "the extension was built without the CPU kernel",
+    "gated_conv2d_cuda": "the extension was built without CUDA (no CUDA build of PyTorch or no matching nvcc at "
+                         "build time)",
+}
+_kernel_missing: Dict[str, Optional[str]] = {}
+
+
+def _missing(op: str) -> Optional[str]:
+    """None if the compiled kernel ``op`` can be called, else why not."""
+    if op not in _kernel_missing:
+        err = _load_extension()
+        _kernel_missing[op] = err or (None if hasattr(torch.ops.pydecouple, op) else _KERNEL_ABSENT[op])
+    return _kernel_missing[op]
+
+
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CPU_KERNEL: Optional[bool] = None  # whether the compiled CPU kernel can be called (asked once)
+
+
+def _cpu_kernel() -> bool:
+    global _CPU_KERNEL
+    _CPU_KERNEL = _missing("gated_conv2d_cpu") is None
+    return _CPU_KERNEL
 
 
 def _why_not_reference(x):
@@ -63,14 +110,12 @@ def _why_not_reference(x):
 
 
 def _why_not_cpu(x):
-    err = _load_extension()
+    err = _missing("gated_conv2d_cpu")
     if err:
         return err
     if x.device.type != "cpu":
         return f"it runs on CPU tensors, and x is on {x.device}"
-    if not hasattr(torch.ops.pydecouple, "gated_conv2d_cpu"):
-        return "the extension was built without the CPU kernel"
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in CPU_DTYPES:
         return f"it computes in float32 (float16/bfloat16 through float32), not {x.dtype}"
     return None
 
@@ -81,9 +126,8 @@ def _run_cpu(x, weight, bias, out_mask, in_mask, stride, padding, dilation, grou
         # bfloat16/float16: gather and accumulate in float32, round once at the end.
         x, weight = x.float(), weight.float()
         bias = bias.float() if bias is not None else None
-    out = torch.ops.pydecouple.gated_conv2d_cpu(
-        x, weight, bias, out_mask, in_mask, list(stride), list(padding), list(dilation), groups, relu
-    )
+    out = torch.ops.pydecouple.gated_conv2d_cpu(x, weight, bias, out_mask, in_mask, stride, padding, dilation,
+                                                groups, relu)
     return out.to(dtype) if dtype != torch.float32 else out
 
 
@@ -101,36 +145,39 @@ def _why_not_triton(x):
     return f"it runs on CUDA tensors, and x is on {x.device}"
 
 
-def _run_triton(*args):
+def _run_triton(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
+    if torch.compiler.is_compiling():
+        # The launcher's host code is not for Dynamo to trace; the registered
+        # op is opaque to it (it has a fake) and runs this backend at run time.
+        return torch.ops.pydecouple.gated_conv2d(x, weight, bias, out_mask, in_mask, stride, padding, dilation,
+                                                 groups, relu, "triton")
     from .kernels import gated_conv2d_triton
 
-    return gated_conv2d_triton(*args)
+    return gated_conv2d_triton(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu)
 
 
 def _why_not_cuda(x):
-    err = _load_extension()
+    err = _missing("gated_conv2d_cuda")
     if err:
         return err
     if x.device.type != "cuda":
         return f"it runs on CUDA tensors, and x is on {x.device}"
-    if not hasattr(torch.ops.pydecouple, "gated_conv2d_cuda"):
-        return "the extension was built without CUDA (no CUDA build of PyTorch or no matching nvcc at build time)"
     return None
 
 
 def _run_cuda(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
-    return torch.ops.pydecouple.gated_conv2d_cuda(
-        x, weight, bias, out_mask, in_mask, list(stride), list(padding), list(dilation), groups, relu
-    )
+    return torch.ops.pydecouple.gated_conv2d_cuda(x, weight, bias, out_mask, in_mask, stride, padding, dilation,
+                                                  groups, relu)
 
 
 def run_dense(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
     """PyTorch's own convolution, then the mask: the fallback where gating cannot
     pay. The same function as the reference, without its copies where a mask
     has nothing to do (the reference always re-writes x and the output).
-    Whether a mask is all on is read on the CPU only (on CUDA it would sync)."""
-    on_cpu = x.device.type == "cpu"
-    if in_mask is not None and not (on_cpu and bool(in_mask.all())):
+    Whether a mask is all on is read on the CPU only (on CUDA it would sync),
+    and never during a capture (it would freeze "all on" into the graph)."""
+    skip_all_on = x.device.type == "cpu" and not capturing()
+    if in_mask is not None and not (skip_all_on and bool(in_mask.all())):
         x = torch.where(in_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     top, bottom, left, right = padding
     if top == bottom and left == right:
@@ -140,7 +187,7 @@ def run_dense(x, weight, bias, out_mask, in_mask, stride, padding, dilation, gro
         out = torch.nn.functional.conv2d(x, weight, bias, stride, 0, dilation, groups)
     if relu:
         out = out.relu_()
-    if out_mask is not None and not (on_cpu and bool(out_mask.all())):
+    if out_mask is not None and not (skip_all_on and bool(out_mask.all())):
         out = out.masked_fill_(~out_mask[:, :, None, None], 0)
     return out
 
@@ -164,14 +211,16 @@ PRIORITY: Dict[str, Tuple[str, ...]] = {
 def kept_fraction(x: torch.Tensor, out_mask, in_mask) -> float:
     """Mean kept input fraction times mean kept output fraction (host-side, two
     reductions: cheap enough for every call; only used off the CUDA path)."""
-    def frac(m):
-        if m is None or m.numel() == 0:
-            return 1.0
-        # numpy's count is a third of torch's sum-and-read overhead on a CPU bool tensor.
-        kept = np.count_nonzero(m.numpy()) if m.device.type == "cpu" else int(m.sum())
-        return kept / m.numel()
+    return mask_fraction(in_mask) * mask_fraction(out_mask)
 
-    return frac(in_mask) * frac(out_mask)
+
+def mask_fraction(m: Optional[torch.Tensor]) -> float:
+    """Kept fraction of a mask (1 for None or an empty mask), read on the host."""
+    if m is None or m.numel() == 0:
+        return 1.0
+    # numpy's count is a third of torch's sum-and-read overhead on a CPU bool tensor.
+    kept = np.count_nonzero(m.numpy()) if m.device.type == "cpu" else int(m.sum())
+    return kept / m.numel()
 
 
 def gating_threshold(batch: int, hw: int) -> float:
@@ -201,6 +250,7 @@ def gating_pays(x, weight, out_mask, in_mask, groups) -> bool:
 
 
 def requested() -> Optional[str]:
+    """The backend ``PYDECOUPLE_BACKEND`` pins, or None."""
     name = os.environ.get(ENV_VAR, "").strip().lower()
     if not name:
         return None
@@ -209,33 +259,80 @@ def requested() -> Optional[str]:
     return name
 
 
-def explain(x: torch.Tensor) -> List[Tuple[str, Optional[str]]]:
-    """Every backend with the reason it cannot run ``x`` (None where it can)."""
+def check_backend(backend, arg: str = "backend") -> Optional[str]:
+    """``backend`` as the dispatcher takes it: None (``PYDECOUPLE_BACKEND``, else
+    automatic), ``'auto'`` or a backend's name; anything else is an error
+    naming ``arg``."""
+    if backend is None or backend == AUTO or (isinstance(backend, str) and backend in BACKENDS):
+        return backend
+    raise ValueError(f"gated_conv2d: argument '{arg}' must be None, {AUTO!r} or one of {sorted(BACKENDS)}, "
+                     f"got {backend!r}")
+
+
+def explain(x: Optional[torch.Tensor] = None) -> List[Tuple[str, Optional[str]]]:
+    """Every backend with the reason it cannot run ``x`` (None where it can).
+    Without ``x``: for a float32 CPU tensor."""
+    if x is None:
+        x = torch.empty(0)
     return [(name, b.why_not(x)) for name, b in BACKENDS.items()]
 
 
-def choose(x, weight, out_mask, in_mask, groups) -> str:
-    forced = requested()
-    if forced is not None:
-        why = BACKENDS[forced].why_not(x)
+def choose(x, weight, out_mask, in_mask, groups, *, backend: Optional[str] = None,
+           kept: Optional[float] = None) -> str:
+    """The backend :func:`run` takes for this problem.
+
+    ``backend``: None = the one ``PYDECOUPLE_BACKEND`` pins, else automatic;
+    ``'auto'`` = automatic; a name = that one (an error if it cannot run).
+    ``kept``: ``f_in * f_out`` where the caller has counted it (the
+    accelerated modules do, once per mask); else it is counted here if the
+    rule needs it.
+    """
+    how = "backend="
+    if backend is None:
+        backend, how = requested(), f"{ENV_VAR}="
+    if backend is not None and backend != AUTO:
+        spec = BACKENDS.get(backend)
+        if spec is None:
+            check_backend(backend)
+        why = spec.why_not(x)
         if why is not None:
-            raise RuntimeError(f"gated_conv2d: {ENV_VAR}={forced} was requested but cannot run: {why}")
-        return forced
-    if x.device.type == "cuda" and out_mask is None and in_mask is None:
+            raise RuntimeError(f"gated_conv2d: {how}{backend} was requested but cannot run: {why}")
+        return backend
+    if x.is_cpu and x.dtype in CPU_DTYPES and (_CPU_KERNEL if _CPU_KERNEL is not None else _cpu_kernel()):
+        # The hot path of eager CPU inference (a layer's kernel can take 30 us
+        # at batch 1): a few attribute reads, no device object, no extra call.
+        if out_mask is None and in_mask is None:
+            return "dense"
+        if kept is None:
+            if capturing():
+                return "cpu"
+            kept = kept_fraction(x, out_mask, in_mask)
+        n, _, h, w = x.shape
+        return "cpu" if kept <= gating_threshold(n, h * w) else "dense"
+    dev = x.device.type
+    if dev == "cuda" and out_mask is None and in_mask is None:
         # Everything kept, known without reading a mask (no host sync): cuDNN.
         return "dense"
-    order = PRIORITY.get(x.device.type, ("reference",))
     reasons = []
-    for name in order:
+    for name in PRIORITY.get(dev, ("reference",)):
         why = BACKENDS[name].why_not(x)
         if why is None:
-            if name == "cpu" and not gating_pays(x, weight, out_mask, in_mask, groups):
-                return "dense"
             return name
         reasons.append(f"{name}: {why}")
     raise RuntimeError("gated_conv2d: no backend can run this input:\n  " + "\n  ".join(reasons))
 
 
-def run(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
-    name = choose(x, weight, out_mask, in_mask, groups)
+def run(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu, *,
+        backend: Optional[str] = None, kept: Optional[float] = None, x_masked: bool = False) -> torch.Tensor:
+    """``out_mask * act(conv(x * in_mask) + bias)`` by the backend :func:`choose` picks.
+
+    Arguments as the registered op takes them (batched ``x``, pairs, four-sided
+    ``padding``), already checked. ``x_masked``: the caller guarantees that
+    the channels ``in_mask`` turns off are already zero in ``x`` (the
+    accelerated modules: the producer's output is masked), so ``in_mask`` only
+    saves work and the dense route need not apply it.
+    """
+    name = choose(x, weight, out_mask, in_mask, groups, backend=backend, kept=kept)
+    if x_masked and name == "dense":
+        in_mask = None
     return BACKENDS[name].run(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu)

@@ -6,6 +6,10 @@ keeps everything. ``kept_in`` counts the input channels the op is told to skip
 (the in-mask chained from the upstream gated layer), ``kept_out`` the sample's
 gate. Linear layers count ``in x out`` and are never gated. ``ratio`` is the
 gated total over the dense total, averaged over the batch.
+
+An accelerated model (:func:`pydecouple.accelerate`) is counted the same way:
+its folded convs report, through a probe, the masks they ran with (under the
+names of the decoupled model's convs), and each gate's MLP counts as ``gate``.
 """
 
 from __future__ import annotations
@@ -83,43 +87,53 @@ class FlopsCounter:
         self._handles = []
         self.samples = 0
 
+    def _add(self, name: str, kind: str, dense: float, gated, fin: torch.Tensor, fout: torch.Tensor, n: int) -> None:
+        if name not in self._acc:
+            self._acc[name] = [kind, float(dense), 0.0, 0.0, 0.0, 0]
+            self._order.append(name)
+        a = self._acc[name]
+        a[2] += float(gated.sum()) if torch.is_tensor(gated) else gated * n
+        a[3] += float(fin.sum())
+        a[4] += float(fout.sum())
+        a[5] += n
+
+    def _conv(self, name: str, kind: str, cin: int, cout: int, kernel_size, groups: int, out: torch.Tensor,
+              n: int, out_mask: Optional[torch.Tensor], in_mask: Optional[torch.Tensor]) -> None:
+        k = kernel_size[0] * kernel_size[1] * out.shape[-2] * out.shape[-1]
+        dense = cin // groups * cout * k
+        fout = out_mask.float().mean(dim=1).cpu() if out_mask is not None else torch.ones(n)
+        fin = in_mask.float().mean(dim=1).cpu() if in_mask is not None else torch.ones(n)
+        self._add(name, kind, dense, dense * fin * fout, fin, fout, n)
+
     def _hook(self, name: str):
         def hook(mod, inputs, out):
             x = inputs[0]
             n = x.shape[0] if x.dim() > 1 else 1
             if isinstance(mod, nn.Conv2d):
-                ho, wo = out.shape[-2], out.shape[-1]
-                k = mod.kernel_size[0] * mod.kernel_size[1] * ho * wo
-                cin_g = mod.in_channels // mod.groups
-                dense = cin_g * mod.out_channels * k
-                fin = torch.ones(n)
-                fout = torch.ones(n)
-                kind = "conv"
-                if isinstance(mod, GatedConv2d):
-                    kind = "gated_conv"
-                    if mod.gate.last_mask is not None:
-                        fout = mod.gate.last_mask.float().mean(dim=1).cpu()
-                    if mod.last_in_mask is not None:
-                        fin = mod.last_in_mask.float().mean(dim=1).cpu()
-                gated = dense * fin * fout
-            else:  # Linear
-                fin, fout = torch.ones(n), torch.ones(n)
-                gated = mod.in_features * mod.out_features * fin
-                if id(mod) in self._gate_linears:
-                    kind, dense = "gate", 0
-                else:
-                    kind, dense = "linear", mod.in_features * mod.out_features
-            if name not in self._acc:
-                self._acc[name] = [kind, float(dense), 0.0, 0.0, 0.0, 0]
-                self._order.append(name)
-            a = self._acc[name]
-            a[2] += float(gated.sum()) if torch.is_tensor(gated) else gated * n
-            a[3] += float(fin.sum())
-            a[4] += float(fout.sum())
-            a[5] += n
+                gated = isinstance(mod, GatedConv2d)
+                self._conv(name, "gated_conv" if gated else "conv", mod.in_channels, mod.out_channels,
+                           mod.kernel_size, mod.groups, out, n, mod.gate.last_mask if gated else None,
+                           mod.last_in_mask if gated else None)
+                return
+            fin, fout = torch.ones(n), torch.ones(n)
+            gated = mod.in_features * mod.out_features * fin
+            if id(mod) in self._gate_linears:
+                self._add(name, "gate", 0, gated, fin, fout, n)
+            else:
+                self._add(name, "linear", mod.in_features * mod.out_features, gated, fin, fout, n)
         return hook
 
+    def _probe(self, layer, x, mask, in_mask, y, gate_s, conv_s) -> None:
+        """An accelerated layer (pydecouple.accelerate.AccelConv) after it ran."""
+        n = x.shape[0]
+        if layer.gate is not None and layer.gate.macs():
+            ones = torch.ones(n)
+            self._add(f"{layer.name}.gate", "gate", 0, layer.gate.macs() * ones, ones, ones, n)
+        self._conv(layer.name, "gated_conv" if layer.gate is not None else "conv", layer.in_channels,
+                   layer.out_channels, layer.kernel_size, layer.groups, y, n, mask, in_mask)
+
     def __enter__(self) -> "FlopsCounter":
+        from .accelerate import probing
         from .nn.gate import ArchitectureControl
 
         self._gate_linears = {id(l) for m in self.model.modules() if isinstance(m, ArchitectureControl)
@@ -127,18 +141,24 @@ class FlopsCounter:
         for name, m in self.model.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 self._handles.append(m.register_forward_hook(self._hook(name)))
+        self._probing = probing(self.model, self._probe)
+        self._probing.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._probing.__exit__(*exc)
 
     def report(self) -> FlopsReport:
         layers = []
         samples = 0
         for name in self._order:
             kind, dense, gated, fin, fout, n = self._acc[name]
+            if n == 0:  # only empty batches went through
+                layers.append(LayerFlops(name, kind, dense, dense, 1.0, 1.0))
+                continue
             layers.append(LayerFlops(name, kind, dense, gated / n, fin / n, fout / n))
             samples = max(samples, n)
         return FlopsReport(layers, samples)

@@ -4,11 +4,13 @@ Layering (a reader finds each level by name)::
 
     pydecouple.ops.gated_conv2d            argument checking and normalisation (this file)
       -> torch.ops.pydecouple.gated_conv2d   the registered op: fake impl, autograd
-        -> pydecouple._backend.run           picks cpu / triton / cuda / dense / reference
+        -> pydecouple._backend.run           the one dispatcher: cpu / triton / cuda / dense / reference
           -> torch.ops.pydecouple.gated_conv2d_cpu   (C++, csrc/cpu)  and friends
 
 The registered op always takes a batched input and explicit four-sided padding;
 the Python function accepts everything ``F.conv2d`` accepts and maps it there.
+Eager calls that need neither autograd nor a capture go from the checks
+straight to the dispatcher (see :func:`gated_conv2d`).
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ import torch
 
 from . import _backend
 from ._validate import normalize_conv_args
+from .geometry import masks_to_indices, output_memory_format, output_size
 
 __all__ = ["gated_conv2d", "masks_to_indices"]
 
 IntOrPair = Union[int, Sequence[int]]
 
 
-def _gated_conv2d_impl(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
+def _gated_conv2d_impl(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu, backend=None):
     """The op's implementation: the backend's result in the layout the fake promises."""
-    out = _backend.run(x, weight, bias, out_mask, in_mask, tuple(stride), tuple(padding), tuple(dilation), groups, relu)
-    return out.contiguous(memory_format=_output_format(x))
+    out = _backend.run(x, weight, bias, out_mask, in_mask, tuple(stride), tuple(padding), tuple(dilation), groups,
+                       relu, backend=backend)
+    return out.contiguous(memory_format=output_memory_format(x))
 
 
 @torch.library.custom_op("pydecouple::gated_conv2d", mutates_args=())
@@ -43,44 +47,33 @@ def _gated_conv2d_op(
     dilation: Sequence[int],
     groups: int,
     relu: bool,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    return _gated_conv2d_impl(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu)
+    return _gated_conv2d_impl(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu, backend)
 
 
-def _output_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last out exactly when x is channels_last-strided and not contiguous (as F.conv2d does)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _out_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation):
-    top, bottom, left, right = padding
-    ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
+def _fake_output(x, weight, stride, padding, dilation):
+    n, _, h, w = x.shape
+    ho, wo = output_size(h, w, weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=output_memory_format(x))
 
 
 @_gated_conv2d_op.register_fake
-def _(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
-    n, _, h, w = x.shape
-    ho, wo = _out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_output_format(x))
+def _(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu, backend=None):
+    return _fake_output(x, weight, stride, padding, dilation)
 
 
 def _register_kernel_fakes() -> None:
-    """Fake implementations of the compiled per-device kernels, so that code
-    calling them directly (the accelerated inference path does, to skip the
-    Python dispatch) still traces under torch.compile."""
+    """Fake implementations of the compiled per-device kernels, so that the
+    dispatcher's direct kernel calls (eager inference skips the registered
+    op's wrapper) still trace under torch.compile and torch.export."""
     for name in ("gated_conv2d_cpu", "gated_conv2d_cuda"):
         if hasattr(torch.ops.pydecouple, name):
             torch.library.register_fake(f"pydecouple::{name}")(_fake_kernel)
 
 
 def _fake_kernel(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
-    n, _, h, w = x.shape
-    ho, wo = _out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_output_format(x))
+    return _fake_output(x, weight, stride, padding, dilation)
 
 
 if _backend.extension_available():
@@ -131,7 +124,7 @@ def _(grad_out, out, x, weight, out_mask, in_mask, stride, padding, dilation, gr
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu = inputs
+    x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu, _ = inputs
     ctx.save_for_backward(x, weight, out_mask, in_mask, output if relu else None)
     ctx.conv = (tuple(stride), tuple(padding), tuple(dilation), groups, relu)
     ctx.has_bias = bias is not None
@@ -145,7 +138,7 @@ def _backward(ctx, grad_out):
     gx, gw, gb = _gated_conv2d_backward_op(
         grad_out, out, x, weight, out_mask, in_mask, stride, padding, dilation, groups, relu
     )
-    return gx, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None, None
+    return gx, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None, None, None
 
 
 _gated_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -163,6 +156,7 @@ def gated_conv2d(
     groups: int = 1,
     *,
     relu: bool = False,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Convolution in which each sample computes only its kept filters.
 
@@ -181,6 +175,14 @@ def gated_conv2d(
         groups: as in ``F.conv2d`` (depthwise included).
         relu: fused epilogue ``mask * relu(conv + bias)``, what a folded
             conv-BN-ReLU block needs at inference.
+        backend: None (automatic, or what ``PYDECOUPLE_BACKEND`` pins),
+            ``'auto'`` (automatic whatever the environment says), or one of
+            ``'cpu'``, ``'dense'``, ``'reference'``, ``'triton'``, ``'cuda'`` to
+            pin that implementation (benchmarks, tests); a pinned backend that
+            cannot run the input is an error, never a silent fallback.
+
+    Under ``torch.autocast`` the op follows ``F.conv2d``: floating-point
+    arguments other than float64 are cast to the autocast dtype first.
 
     Returns:
         (N, Cout, Ho, Wo), or (Cout, Ho, Wo) for unbatched input.
@@ -189,19 +191,39 @@ def gated_conv2d(
         ValueError / TypeError naming the argument, what was expected and what
         was given, before any kernel runs.
     """
-    a = normalize_conv_args(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
+    backend = _backend.check_backend(backend)
+    if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):
+        x, weight, bias = _autocast(x, weight, bias)
+    a = normalize_conv_args(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu)
     if _needs_registered_op(a.x, weight, bias):
         out = _gated_conv2d_op(
-            a.x, weight, bias, a.out_mask, a.in_mask, a.stride, a.padding, a.dilation, groups, bool(relu)
+            a.x, weight, bias, a.out_mask, a.in_mask, a.stride, a.padding, a.dilation, a.groups, bool(relu), backend
         )
     else:
         # Eager inference: the same implementation without the registered op's
         # wrapper (autograd and fake-tensor plumbing cost ~25 us a call, as
         # much as a small layer's whole kernel at batch 1).
         out = _gated_conv2d_impl(
-            a.x, weight, bias, a.out_mask, a.in_mask, a.stride, a.padding, a.dilation, groups, bool(relu)
+            a.x, weight, bias, a.out_mask, a.in_mask, a.stride, a.padding, a.dilation, a.groups, bool(relu), backend
         )
     return out.squeeze(0) if a.unbatched else out
+
+
+def _autocast(x, weight, bias):
+    """What autocast does to F.conv2d's arguments: floating-point tensors other
+    than float64 in the autocast dtype of x's device (the op is not on
+    autocast's lists, so it does it itself; the checks then see one dtype)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype):
+            return t.to(dtype)
+        return t
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def _needs_registered_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -212,15 +234,3 @@ def _needs_registered_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if not torch.is_grad_enabled():
         return False
     return x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-
-
-def masks_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row index lists of the kept channels, kept first, and their counts.
-
-    ``mask``: bool (N, C). Returns ``idx`` int32 (N, C) whose first ``count[n]``
-    entries are the kept channels of row n in increasing order (the rest are
-    the others, also in order), and ``count`` int32 (N,). Made with device ops
-    only (a stable sort), no host synchronisation: safe under CUDA graphs.
-    """
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    return order.to(torch.int32), mask.sum(dim=1, dtype=torch.int32)

@@ -272,7 +272,8 @@ def extract_paths(
     have_logits = True
     preds, probs = [], []
     try:
-        for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        # An empty input still runs one (empty) batch: the layers' widths come from it.
+        for start in tqdm(range(0, max(n, 1), batch_size), desc=desc, disable=not progress, leave=False):
             xb = x_all[start : start + batch_size].to(device=device, dtype=torch.float32)
             for _, g in gates:  # a gate that did not run must not leak a stale mask
                 g.last_mask = None

@@ -98,7 +98,7 @@ def test_torchvision_style_model():
 def test_first_conv_dense_and_summary():
     dec = build("small_vgg", decoupled=True)
     s = dec.decouple_summary
-    assert s.dense == [("features.0", "first conv of the network (METHOD.md)")]
+    assert s.dense == [("features.0", "first conv of the network (never gated, as in the paper)")]
     assert len(s.gated) == 5 and s.params_added > 0 and "5 conv layers gated" in str(s)
     assert len(gate_modules(dec)) == 5
     assert not isinstance(dec.features[0], GatedConv2d)

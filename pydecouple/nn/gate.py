@@ -1,6 +1,6 @@
 """The architecture controlling module (ACM): one per gated layer.
 
-METHOD.md, "Architecture controlling module"::
+The paper's ACM (Li et al., ECCV 2020, "Architecture controlling module")::
 
     z = GAP(X);  h = ReLU(W1 z + b1);  y = W2 h + b2        # y: (N, Cout) gate logits
 

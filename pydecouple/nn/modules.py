@@ -12,14 +12,14 @@ How a mask reaches the layers (the contract ``pydecouple.accelerate`` codes agai
 * Where the conv is followed by a BatchNorm (conv-BN-ReLU chains, ResNet
   blocks), the mask is *applied* by the :class:`GatedBatchNorm2d` that follows
   (``bn.gated_conv`` is the conv): ``out = BN(conv(x)) * gate``. For a binary or
-  non-negative gate, ``ReLU(BN(.)) * m == ReLU(BN(.) * m)``, so this is METHOD.md's
+  non-negative gate, ``ReLU(BN(.)) * m == ReLU(BN(.) * m)``, so this is the paper's
   ``m * ReLU(BN(conv(X)))`` for VGG blocks and "m2 after BN, before the
   residual add" for ResNet blocks, with the dense model's code unchanged.
   A conv without a following BN applies the gate itself (``conv.apply_gate``).
 * In-masks are passed explicitly: ``decouple`` sets ``conv.in_mask_source``, the
-  upstream :class:`GatedConv2d` whose mask zeroes this conv's input channels
-  (only through zero-preserving modules: ReLU, pooling, dropout; inside a
-  residual block conv1 -> conv2 -> conv3), or None. A :class:`MaskChain`,
+  upstream :class:`GatedConv2d` whose masked output reaches this conv's input
+  through zero-preserving operations only (ReLU, pooling, dropout; read from
+  the traced forward, :mod:`pydecouple.nn.graph`), or None. A :class:`MaskChain`,
   shared by all gated convs of a decoupled model, holds the masks of the
   current forward: a forward pre-hook on the model's root opens it, each gated
   conv stores its eval mask there, its consumer reads it, and a forward hook
@@ -184,9 +184,21 @@ class GatedBatchNorm2d(nn.BatchNorm2d):
         if conv is None:
             return out
         gate = conv.gate
+        g = gate.last_gate
+        if g is None or g.shape[0] != x.shape[0]:
+            raise RuntimeError(self._not_run_message())
         if self.training or gate.record_pooled:
             gate.last_pooled = out.mean(dim=(2, 3))
-        return out * gate.last_gate[:, :, None, None].to(out.dtype)
+        return out * g[:, :, None, None].to(out.dtype)
+
+    def _not_run_message(self) -> str:
+        bn, conv, traced = getattr(self, "_pydecouple_names", ("this GatedBatchNorm2d", "its conv", True))
+        why = ("decouple paired them by registration order (the forward could not be traced), but the forward "
+               "calls the BN first" if not traced else "the BN must run after its conv in every forward")
+        return (f"GatedBatchNorm2d '{bn}' applies the gate of conv '{conv}', which has not run before it in this "
+                f"forward (no gate for this batch): {why}. Keep that conv dense with "
+                f"decouple(..., exclude=['{conv}']), or make the forward traceable by torch.fx so that decouple "
+                f"pairs each BN with the conv whose output it normalises.")
 
 
 class ConvBNReLU(nn.Sequential):
@@ -294,7 +306,7 @@ def _gate_residual_block(block: nn.Module, gate_downsample: bool, **gate_kwargs)
 
 class GatedBasicBlock(BasicBlock):
     """Basic block with m1 after conv1-BN(-ReLU) and m2 after conv2-BN, before
-    the residual add (METHOD.md). ``gate_downsample`` also gates the 1x1 shortcut.
+    the residual add (as in the paper). ``gate_downsample`` also gates the 1x1 shortcut.
     ACMs: ``conv1.gate``, ``conv2.gate``; ``block.gate`` is the last one (m2)."""
 
     def __init__(self, cin: int, planes: int, stride: int = 1, gate_downsample: bool = False, **gate_kwargs) -> None:

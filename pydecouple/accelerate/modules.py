@@ -1,0 +1,275 @@
+"""The inference modules of an accelerated model.
+
+Masks travel as values (``(x, mask, kept fraction)`` triples through
+:meth:`AccelConv.run`, :class:`AccelSequential` and :class:`AccelResidual`),
+never through hooks or module state, so the forward has no host
+synchronisation on CUDA and traces with ``torch.compile(fullgraph=True)``,
+``torch.export`` and ``torch.jit.trace``. Every conv, gated or dense, runs
+through the one dispatcher, :func:`pydecouple._backend.run`.
+
+Observers (the profiler, FLOPs counting) attach a ``probe`` to each
+:class:`AccelConv` with :func:`probing`; a layer without one pays one
+attribute test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import _backend
+from ..geometry import conv_padding4
+from ..nn.gate import ArchitectureControl
+from .fold import fold_bn, fold_bn_into
+
+__all__ = ["AccelConv", "AccelGate", "AccelResidual", "AccelSequential", "Probe", "accel_layers", "probing"]
+
+# probe(layer, x, mask, in_mask, y, gate_seconds, conv_seconds), called after each run of a layer.
+Probe = Callable[["AccelConv", torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, float,
+                  float], None]
+
+_NO_SCRIPT = ("torch.jit.script is not supported for accelerated models: their forward passes masks between "
+              "layers as Python values and chooses a kernel per call on the host. Use torch.jit.trace, "
+              "torch.export or torch.compile, which are tested (tests/test_user_models.py, test_accelerate.py).")
+
+
+class _NoScript:
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on every submodule
+    before compiling: the one place to refuse with a message that says why,
+    instead of TorchScript's internal errors."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NO_SCRIPT)
+
+
+class AccelGate(_NoScript, nn.Module):
+    """An ACM at inference: ``mask = fc2(relu(fc1(GAP(x)))) > 0`` (bool (N, Cout)).
+
+    The same operations, in the same order, as ``ArchitectureControl.logits``,
+    so masks are bit-identical to the decoupled model's for identical inputs.
+    An eval-mode logit BatchNorm (``logit_norm=True``) is folded into fc2 in
+    float64 (a mask can then differ only where a logit is within float32
+    rounding of 0). An ACM of any other structure runs its own ``logits``.
+    ``force_open``: every gate on (the ACM is not evaluated).
+    """
+
+    def __init__(self, acm: ArchitectureControl) -> None:
+        super().__init__()
+        self.out_channels = acm.out_channels
+        self.force_open = bool(acm.force_open)
+        norm = getattr(acm, "norm", None)
+        children = {n for n, _ in acm.named_children()} - {"norm"}
+        known = children <= {"fc1", "fc2"} and isinstance(getattr(acm, "fc1", None), nn.Linear) \
+            and isinstance(getattr(acm, "fc2", None), nn.Linear) \
+            and (norm is None or (isinstance(norm, nn.BatchNorm1d) and norm.track_running_stats
+                                  and norm.running_mean is not None))
+        self.acm: Optional[nn.Module] = None
+        if not known:
+            self.acm = copy.deepcopy(acm).eval()
+            for p in self.acm.parameters():
+                p.requires_grad_(False)
+            return
+        w1, b1 = acm.fc1.weight.detach().clone(), acm.fc1.bias.detach().clone()
+        w2, b2 = acm.fc2.weight.detach().clone(), acm.fc2.bias.detach().clone()
+        if norm is not None:
+            w2, b2 = fold_bn_into(w2, b2, norm)
+        self.w1 = nn.Parameter(w1, requires_grad=False)
+        self.b1 = nn.Parameter(b1, requires_grad=False)
+        self.w2 = nn.Parameter(w2.contiguous(), requires_grad=False)
+        self.b2 = nn.Parameter(b2.contiguous(), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        if self.force_open:
+            return f"{self.out_channels} gates forced open"
+        if self.acm is not None:
+            return f"{self.out_channels} gates, the ACM's own logits"
+        return f"{self.w1.shape[1]} -> {self.w1.shape[0]} -> {self.out_channels}"
+
+    def macs(self) -> int:
+        """Multiply-adds per sample of the gate's MLP (0 when forced open or
+        when the ACM's own module runs: its Linear layers are counted there)."""
+        return 0 if self.force_open or self.acm is not None else self.w1.numel() + self.w2.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.force_open:
+            return torch.ones(x.shape[0], self.out_channels, dtype=torch.bool, device=x.device)
+        if self.acm is not None:
+            return self.acm.logits(x) > 0
+        z = x.mean(dim=(2, 3))
+        return F.linear(F.relu(F.linear(z, self.w1, self.b1)), self.w2, self.b2) > 0
+
+
+class AccelConv(_NoScript, nn.Module):
+    """A folded conv (+BN) layer, gated or dense, with fused bias/ReLU/mask.
+
+    ``run(x, in_mask, in_frac) -> (y, mask, frac)``: ``mask`` is this layer's
+    out-mask when it is gated (the in-mask of a chained consumer), else None;
+    ``frac`` its kept fraction where it was counted (eager CPU), else None.
+    ``in_mask`` is used only if the decoupled model chained this conv to the
+    layer that produced it (``uses_in_mask``). ``forward(x)`` returns ``y``
+    only (for use outside an :class:`AccelSequential`).
+
+    ``backend``: what the dispatcher is told (``'auto'``, or the backend
+    :func:`~pydecouple.accelerate.accelerate` pinned: ``'dense'`` for
+    ``use_kernel=False``, or ``PYDECOUPLE_BACKEND``'s at conversion).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], relu: bool, gated: bool,
+                 uses_in_mask: bool, name: str = "") -> None:
+        super().__init__()
+        w, b = fold_bn(conv, bn)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(b, requires_grad=False) if b is not None else None
+        self.stride = [int(s) for s in conv.stride]
+        self.dilation = [int(d) for d in conv.dilation]
+        self.groups = int(conv.groups)
+        self.pad4 = list(conv_padding4(conv.padding, conv.kernel_size, self.dilation))
+        self.relu = bool(relu)
+        self.gate = AccelGate(conv.gate) if gated else None
+        self.uses_in_mask = bool(uses_in_mask and gated)
+        self.backend = _backend.AUTO
+        self.probe: Optional[Probe] = None
+        self.name = name
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+
+    def extra_repr(self) -> str:
+        kind = "gated" if self.gate is not None else "dense"
+        pinned = "" if self.backend == _backend.AUTO else f", backend={self.backend!r}"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={tuple(self.stride)}, "
+                f"padding={tuple(self.pad4)}, {kind}, relu={self.relu}, in_mask={self.uses_in_mask}{pinned}")
+
+    def _conv(self, x: torch.Tensor, mask: Optional[torch.Tensor], in_mask: Optional[torch.Tensor],
+              in_frac: Optional[float]) -> Tuple[torch.Tensor, Optional[float]]:
+        if mask is None:  # a dense layer: the dispatcher sends it to PyTorch's conv
+            return _backend.run(x, self.weight, self.bias, None, None, self.stride, self.pad4, self.dilation,
+                                self.groups, self.relu, backend=self.backend), None
+        if not self.uses_in_mask:
+            in_mask = in_frac = None
+        frac = kept = None
+        if x.is_cpu and not _backend.capturing():
+            # The kept fractions for the dense-or-kernel rule: one count per mask
+            # (a consumer reuses its producer's), on the host, CPU tensors only.
+            # Never while a graph is captured: the capture would freeze them.
+            n = mask.numel()
+            frac = kept = np.count_nonzero(mask.numpy()) / n if n else 1.0
+            if in_mask is not None:
+                kept *= in_frac if in_frac is not None else _backend.mask_fraction(in_mask)
+        # An all-on out-mask need not be applied (the dense route then skips the
+        # multiply); frac is None during a capture, so the mask stays in the graph.
+        out_mask = None if frac == 1.0 else mask
+        y = _backend.run(x, self.weight, self.bias, out_mask, in_mask, self.stride, self.pad4, self.dilation,
+                         self.groups, self.relu, backend=self.backend, kept=kept, x_masked=True)
+        return y, frac
+
+    def run(self, x: torch.Tensor, in_mask: Optional[torch.Tensor] = None, in_frac: Optional[float] = None
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
+        """``(y, mask, kept fraction of mask or None)`` for input ``x`` and the
+        upstream mask (used only if this layer is chained to it)."""
+        if self.probe is not None:
+            return self._run_probed(x, in_mask, in_frac)
+        mask = self.gate(x) if self.gate is not None else None
+        y, frac = self._conv(x, mask, in_mask, in_frac)
+        return y, mask, frac
+
+    def _run_probed(self, x, in_mask, in_frac):
+        t0 = time.perf_counter()
+        mask = self.gate(x) if self.gate is not None else None
+        t1 = time.perf_counter()
+        y, frac = self._conv(x, mask, in_mask, in_frac)
+        t2 = time.perf_counter()
+        self.probe(self, x, mask, in_mask if self.uses_in_mask else None, y, t1 - t0, t2 - t1)
+        return y, mask, frac
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[0]
+
+
+class AccelSequential(_NoScript, nn.Module):
+    """A chain of stages through which masks travel as values.
+
+    ``kinds[i]``: ``"conv"`` (an :class:`AccelConv`: consumes and produces a
+    mask), ``"pass"`` (zero-preserving: the mask goes through), ``"seq"`` (a
+    nested :class:`AccelSequential`), or ``"other"`` (the mask stops).
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], kinds: Sequence[str]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.kinds = list(kinds)
+
+    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, frac: Optional[float] = None
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
+        for kind, stage in zip(self.kinds, self.stages):
+            if kind == "conv" or kind == "seq":
+                x, mask, frac = stage.run(x, mask, frac)
+            elif kind == "pass":
+                x = stage(x)
+            else:
+                x = stage(x)
+                mask = frac = None
+        return x, mask, frac
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[0]
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.stages[i]
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+
+class AccelResidual(_NoScript, nn.Module):
+    """A residual block (basic or bottleneck): conv1 (-> conv2) fused with ReLU,
+    the last conv + BN + mask without ReLU, then ``relu(out + shortcut)``."""
+
+    def __init__(self, convs: Sequence[AccelConv], downsample: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.downsample = downsample
+
+    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, frac: Optional[float] = None
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
+        return self.forward(x), None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, m, f = x, None, None
+        for conv in self.convs:
+            out, m, f = conv.run(out, m, f)
+        if self.downsample is None:
+            identity = x
+        elif isinstance(self.downsample, (AccelConv, AccelSequential)):
+            identity = self.downsample.run(x)[0]
+        else:
+            identity = self.downsample(x)
+        return torch.relu_(out.add_(identity))
+
+
+def accel_layers(accel: nn.Module) -> List[Tuple[str, AccelConv]]:
+    """Every :class:`AccelConv` of an accelerated model, in registration (forward) order."""
+    return [(n, m) for n, m in accel.named_modules() if isinstance(m, AccelConv)]
+
+
+@contextlib.contextmanager
+def probing(accel: nn.Module, probe: Probe) -> Iterator[List[AccelConv]]:
+    """Attach ``probe`` to every :class:`AccelConv` of ``accel`` for the
+    duration of the block (the ones already attached come back after it);
+    yields the layers."""
+    layers = [m for _, m in accel_layers(accel)]
+    before = [m.probe for m in layers]
+    for m in layers:
+        m.probe = probe
+    try:
+        yield layers
+    finally:
+        for m, p in zip(layers, before):
+            m.probe = p
