@@ -5,7 +5,7 @@ normalises inside (its first layer is :class:`pydecouple.models.Normalize`), so
 an L-infinity ball of radius ``eps`` around an image is a ball in pixel units
 (eps = 8/255 is eight grey levels), and adversarial images are clipped to [0, 1].
 
-Detectors (METHOD.md, "The three applications", 3):
+Detectors (the paper's third application):
 
 * unsupervised: ``1 - similarity(path, template of the predicted class)``; an
   attacked image is classified as c while its path does not look like c's.
@@ -24,7 +24,6 @@ all attacked against all clean images is reported beside it (``auc_all``).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -34,17 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .paths import (
-    DEFAULT_METRIC,
-    Paths,
-    _jsonable,
-    _stratified_halves,
-    class_templates,
-    constant_gates,
-    extract_paths,
-    similarity,
-    write_report,
-)
+from .paths import DEFAULT_METRIC, Paths, class_templates, constant_gates, extract_paths, similarity, stratified_halves
+from .report import eps_str, jsonable, write_detection
 
 log = logging.getLogger(__name__)
 
@@ -377,11 +367,6 @@ def _strip_curve(m: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in m.items() if k not in ("fpr", "tpr")}
 
 
-def _eps_str(eps: float) -> str:
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
-
-
 def detect(
     model: nn.Module,
     images: torch.Tensor | np.ndarray,
@@ -417,8 +402,6 @@ def detect(
         the report dict (also written to ``out_dir/report.json``), with per attack its
         accuracy and success rate, and per detector ROC-AUC and detection rate at 5% FPR.
     """
-    from . import plots as P
-
     attacks = list(attacks)
     for a in attacks:
         if a not in ATTACKS:
@@ -426,7 +409,7 @@ def detect(
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.int64)
     ynp = y.numpy()
-    fit_idx, test_idx = _stratified_halves(ynp, seed)
+    fit_idx, test_idx = stratified_halves(ynp, seed)
     k = int(ynp.max()) + 1 if ref_labels is None else int(max(ynp.max(), np.asarray(ref_labels).max())) + 1
     pgd_kw = {"iters": pgd_iters, "step": pgd_step, "random_start": random_start}
 
@@ -463,7 +446,7 @@ def detect(
     report: dict[str, Any] = {
         "run": dict(info or {}),
         "eps": eps,
-        "eps_str": _eps_str(eps),
+        "eps_str": eps_str(eps),
         "attacks": {},
         "pgd": {"iters": pgd_iters, "step": pgd_step if pgd_step is not None else 2.5 * eps / pgd_iters,
                 "random_start": random_start},
@@ -546,47 +529,6 @@ def detect(
         }
     report["headline"] = headline
 
-    figures: list[tuple[str, str]] = []
     if plots:
-        os.makedirs(out_dir, exist_ok=True)
-        for a in attacks:
-            png = f"roc_{a}.png"
-            P.roc_plot(curves[a], os.path.join(out_dir, png),
-                       title=f"Detecting {a.upper()} at eps {_eps_str(eps)} (held-out half)")
-            h = headline[a]
-            cross = [kk for kk in report["detectors"]["learned"] if kk != f"trained_on_{a}"]
-            cross_txt = ""
-            for kk in cross:
-                v = report["detectors"]["learned"][kk].get(a, {}).get("auc")
-                if v is not None:
-                    cross_txt += f"; trained on {kk.split('_on_')[1].upper()} instead: {v:.2f}"
-            figures.append((
-                png,
-                (f"{a.upper()} at eps {_eps_str(eps)} fools {h['success_rate']:.0%} of correctly classified images; the "
-                f"learned path detector reaches ROC-AUC {h['learned_auc']:.2f} (detection rate "
-                f"{h['learned_tpr_at_5fpr']:.0%} at 5% false positives){cross_txt}, the unsupervised template score "
-                f"{h['unsupervised_auc']:.2f}, one that also sees the gate logits {h['learned_logits_auc']:.2f} and the "
-                f"max-softmax baseline {h['max_softmax_auc']:.2f}."),
-            ))
-        P.score_histogram(hist_scores, os.path.join(out_dir, "unsupervised_scores.png"),
-                          xlabel=f"1 - {metric} similarity to the predicted class's template",
-                          title="Unsupervised path score, clean vs attacked (held-out half)")
-        mean_c = float(np.mean(hist_scores["clean (correct)"])) if len(hist_scores["clean (correct)"]) else math.nan
-        figures.append((
-            "unsupervised_scores.png",
-            (f"The unsupervised score (1 - similarity to the predicted class's template) averages {mean_c:.2f} on clean "
-            "images against " + ", ".join(
-                f"{float(np.mean(v)) if len(v) else math.nan:.2f} for {kk}" for kk, v in hist_scores.items() if kk != "clean (correct)"
-            ) + ": " + ("the distributions overlap heavily." if all(
-                report["detectors"]["unsupervised"][a]["auc"] < 0.75 for a in attacks) else "attacked paths sit further from their predicted template.")),
-        ))
-        report["figures"] = [{"png": p, "sentence": s} for p, s in figures]
-        intro = (
-            f"{report['n_images']} images split into a fit half ({report['n_fit']}) and a held-out half "
-            f"({report['n_test']}); templates from {template_source}; clean accuracy on the held-out half "
-            f"{report['clean_accuracy']:.1%}. Attacks: L-inf, eps {_eps_str(eps)} in pixel space, PGD "
-            f"{pgd_iters} steps of {report['pgd']['step']:.4f}{' from a random start' if random_start else ''}. "
-            f"Convention: {report['convention']}."
-        )
-        write_report(out_dir, "Adversarial detection from paths", report, figures, intro)
-    return _jsonable(report)
+        write_detection(out_dir, report, curves, hist_scores)
+    return jsonable(report)

@@ -3,8 +3,8 @@
 A sample's *path* is the concatenation of its binary gates (the eval-mode hard
 gate ``logits > 0`` of every :class:`pydecouple.nn.ArchitectureControl`) over all
 gated layers, in forward order. A class's *template* is the mean path of its
-samples: for every filter, how often it is on for that class (METHOD.md, "The
-three applications").
+samples: for every filter, how often it is on for that class (the paper's
+first application, interpretation).
 
 Everything here works on numpy arrays, so it can be fed either from a model
 (:func:`extract_paths`) or from masks computed elsewhere (:meth:`Paths.from_masks`).
@@ -26,9 +26,7 @@ data carry nothing and are left out of every similarity by default.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -36,6 +34,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 from torch import nn
+
+from .report import jsonable, pct, write_analysis, write_report
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ __all__ = [
     "nearest_template",
     "sample_template_similarity",
     "similarity",
+    "stratified_halves",
     "template_similarity_matrix",
     "top_similar_pairs",
     "write_report",
@@ -653,9 +654,12 @@ def balanced_subset(labels: ArrayLike, limit: int | None, seed: int = 0) -> np.n
     return np.sort(np.concatenate(take))
 
 
-def _stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_halves(labels: ArrayLike, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two class-balanced halves of the sample indices (sorted; the first half
+    takes the odd sample of each class)."""
+    labels = _np(labels).reshape(-1)
     rng = np.random.default_rng(seed)
-    a, b = [], []
+    a, b = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
     for k in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == k))
         h = (len(idx) + 1) // 2
@@ -664,72 +668,9 @@ def _stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
 
 
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        v = float(o)
-        return None if not np.isfinite(v) else round(v, 6)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.bool_,)):
-        return bool(o)
-    return o
-
-
-def write_report(out_dir: str, title: str, report: dict[str, Any], figures: Sequence[tuple[str, str]], intro: str = "") -> None:
-    """Write ``report.json`` (every figure) and ``report.md`` (each picture with one sentence)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(_jsonable(report), f, indent=2)
-    lines = [f"# {title}", ""]
-    if intro:
-        lines += [intro, ""]
-    run = report.get("run") or {}
-    if run.get("checkpoint"):
-        settings = ", ".join(f"{k}={v}" for k, v in (run.get("train_args") or {}).items())
-        lines += [f"Computed from `{run['checkpoint']}` ({run.get('arch')}, decoupled={run.get('decoupled')}"
-                  + (f"; trained with {settings}" if settings else "") + f") on `{run.get('data')}`.", ""]
-    for png, sentence in figures:
-        lines += [f"![{os.path.splitext(png)[0]}]({png})", "", sentence, ""]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-
-
-def _pct(v: float, digits: int = 1) -> str:
-    return f"{v:.{digits}%}" if v is not None and np.isfinite(float(v)) else "n/a"
-
-
-def _num(v: float) -> str:
-    return f"{v:.2f}" if v is not None and np.isfinite(float(v)) else "n/a"
-
-
-def _pairs_sentence(tsim: np.ndarray, pairs: list[dict[str, Any]], metric: str) -> str:
-    k = tsim.shape[0]
-    if k < 2 or not pairs:
-        return f"Template similarity between classes ({metric})."
-    off = tsim[~np.eye(k, dtype=bool)]
-    lo, hi = float(np.nanmin(off)), float(np.nanmax(off))
-    listed = ", ".join(f"{p['a']}-{p['b']} ({p['similarity']:.2f})" for p in pairs[:4])
-    if hi - lo < 0.05:
-        return (f"Class templates are nearly identical ({metric} between classes from {lo:.2f} to {hi:.2f}), so the "
-                f"ranking of the most similar pairs ({listed}) means little.")
-    return (f"Template similarity between classes ({metric}, from {lo:.2f} to {hi:.2f} off the diagonal); the most "
-            f"similar pairs are {listed}.")
-
-
-def _centroid_accuracy(z: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy of the nearest class centre in a low-dimensional embedding (fit and scored on the same points)."""
-    classes = np.unique(labels)
-    if len(classes) < 2 or len(z) == 0:
-        return float("nan")
-    centres = np.stack([z[labels == c].mean(0) for c in classes])
-    d = ((z[:, None, :] - centres[None]) ** 2).sum(-1)
-    return float((classes[d.argmin(1)] == labels).mean())
+# The command line formats its one-line summaries with this (pydecouple/commands
+# imports it by this name); the function lives in pydecouple.report.
+_pct = pct
 
 
 def analyze(
@@ -762,8 +703,6 @@ def analyze(
     Returns:
         the report dict (also written to ``out_dir/report.json``).
     """
-    from . import plots as P
-
     if paths is None:
         if model is None or images is None:
             raise ValueError("give a model and images, or precomputed paths")
@@ -774,7 +713,7 @@ def analyze(
                 raise ValueError("ref_images needs a model")
             ref_paths = extract_paths(model, ref_images, ref_labels, batch_size, progress=progress, desc="paths (ref)")
         else:
-            a, b = _stratified_halves(paths.labels, seed)
+            a, b = stratified_halves(paths.labels, seed)
             ref_paths, paths = paths.subset(a), paths.subset(b)
     k = int(max(ref_paths.labels.max(), paths.labels.max())) + 1
     if class_names is None:
@@ -836,76 +775,6 @@ def analyze(
         "filter_plot_layer": paths.layers[layer],
     }
 
-    figures: list[tuple[str, str]] = []
     if plots:
-        os.makedirs(out_dir, exist_ok=True)
-        P.similarity_heatmap(tsim, class_names, os.path.join(out_dir, "template_similarity.png"),
-                             title=f"Class template similarity ({metric}, constant gates excluded)")
-        figures.append((
-            "template_similarity.png",
-            _pairs_sentence(tsim, pairs, metric),
-        ))
-        P.similarity_heatmap(st, class_names, os.path.join(out_dir, "sample_template_similarity.png"),
-                             title=f"Mean similarity of samples (rows) to templates (columns), {metric}",
-                             xlabel="template of class", ylabel="samples of class")
-        figures.append((
-            "sample_template_similarity.png",
-            (f"For {sum(own_col)} of {k} classes the template is more similar to its own class's samples than to any other "
-            f"class's (column maxima on the diagonal); for {sum(own_row)} of {k} classes the samples are closest, on "
-            "average, to their own template (row maxima)."),
-        ))
-        lo = paths.offsets[layer]
-        hi = paths.offsets[layer + 1]
-        P.filter_class_frequency(np.nan_to_num(templates[:, lo:hi]), class_names,
-                                 os.path.join(out_dir, "filter_frequency.png"), layer_name=paths.layers[layer])
-        n_spec_layer = sum(f["layer_index"] == layer for f in specific)
-        figures.append((
-            "filter_frequency.png",
-            (f"How often each filter of layer `{paths.layers[layer]}` is on, per class (filters sorted by the class that "
-            f"uses them most); {n_spec_layer} of its {hi - lo} filters are specific to one class at margin {margin} "
-            f"({len(specific)} in the whole network)."),
-        ))
-        P.kept_fraction_plot(kept, class_names, paths.layers, os.path.join(out_dir, "kept_fraction.png"))
-        kf = paths.kept_fraction()
-        figures.append((
-            "kept_fraction.png",
-            (f"Fraction of filters kept per layer and class: from {kf.min():.2f} to {kf.max():.2f} across layers, and "
-            f"classes differ by at most {np.nanmax(np.nanmax(kept, 0) - np.nanmin(kept, 0)):.2f} within a layer."),
-        ))
-        P.separability_plot(sep, os.path.join(out_dir, "separability.png"))
-        single = np.asarray(sep["single"], dtype=float)
-        best_txt = (
-            f"the best single layer is `{paths.layers[int(np.nanargmax(single))]}` at {np.nanmax(single):.1%}"
-            if np.isfinite(single).any() else "no layer has a gate that varies"
-        )
-        figures.append((
-            "separability.png",
-            (f"Nearest-template accuracy from the path up to each layer: {_pct(sep['full'])} with all layers against the "
-            f"network's {_pct(sep['network'])} ({_pct(sep['ratio'], 0)} of it; chance {_pct(sep['chance'], 0)}); "
-            f"{best_txt}."),
-        ))
-        flat_keep = paths.flat()[:, keep] if keep.any() else paths.flat()
-        P.path_projection(flat_keep, paths.labels, class_names, os.path.join(out_dir, "path_pca.png"), seed=seed)
-        z, ev = P.pca_2d(flat_keep, seed)
-        acc2d = _centroid_accuracy(z, paths.labels)
-        report["pca_2d"] = {"explained_variance": ev, "nearest_centre_accuracy": acc2d}
-        figures.append((
-            "path_pca.png",
-            (f"PCA (scikit-learn, first two components of the non-constant gates; {_pct(float(np.sum(ev)), 0)} of the "
-            f"variance) of the held-out paths coloured by true class: a nearest-class-centre rule in these two "
-            f"dimensions gets {_pct(acc2d)} (chance {_pct(1 / k, 0)}), so "
-            + ("classes form visible groups." if acc2d > 0.5 else
-               "classes separate only partly in two dimensions." if acc2d > 2 / k else
-               "classes overlap heavily in two dimensions.")),
-        ))
-        intro = (
-            f"Templates from {ref_paths.n} reference samples, measured on {paths.n} held-out samples; "
-            f"{paths.num_gates} gates in {len(paths.layers)} layers, of which {const['fraction_constant']:.0%} never "
-            f"change over the reference set (left out of the similarities). Network accuracy {paths.accuracy():.1%}, "
-            f"nearest-template accuracy {_pct(sep['full'])} ({metric}). Mean similarity of a path to its predicted "
-            f"class's template: {_num(cvw['sim_to_pred_template_correct'])} for right predictions, "
-            f"{_num(cvw['sim_to_pred_template_wrong'])} for wrong ones."
-        )
-        report["figures"] = [{"png": p, "sentence": s} for p, s in figures]
-        write_report(out_dir, "Path-level interpretation", report, figures, intro)
-    return _jsonable(report)
+        write_analysis(out_dir, report, paths, ref_paths, templates, keep, specific, seed)
+    return jsonable(report)
