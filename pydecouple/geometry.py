@@ -1,10 +1,14 @@
 """Convolution geometry and mask conventions, written once.
 
-Every implementation of ``gated_conv2d`` (the op's fake, the backends, the
-Triton launcher, the accelerated modules) takes its output size, its output
-memory layout, its four-sided padding and its kept-first index lists from
-here, so that a change of convention is a change in one place. (The C++
-kernels restate the output-size formula in C++; tests hold them to this one.)
+The op (its fake and its output layout), the compiled kernels' fakes, the
+accelerated modules' padding and the public ``masks_to_indices`` take their
+output size, memory layout, four-sided padding and kept-first index lists from
+here, so that a change of convention is a change in one place. Restated
+elsewhere, for now: the argument checks (``_validate.py``: output size and
+'same' padding) and the Triton launcher (``kernels/gated_conv2d.py``: all
+three) are owned apart and are to import these; the C++ kernels restate the
+output-size formula in C++, and tests hold every implementation to the
+reference.
 """
 
 from __future__ import annotations

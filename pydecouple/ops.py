@@ -96,7 +96,7 @@ def _gated_conv2d_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for x, weight and bias. Correct, not fast: it runs the dense
     convolution backward on the masked problem (the forward is where the
-    skipping pays; training uses the dense masked path anyway, METHOD.md)."""
+    skipping pays; training uses the dense masked path anyway, docs/method.md)."""
     g = grad_out
     if out_mask is not None:
         g = g * out_mask[:, :, None, None].to(g.dtype)
