@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         rep = analyze(model, x, y, names, args.out, ref_images=xr, ref_labels=yr, metric=args.metric,
                       margin=args.margin, layer=layer, batch_size=args.batch_size, seed=args.seed,
                       progress=not args.no_progress, info=run_info(args, meta))
-    except ValueError as e:  # e.g. a dense checkpoint without gates
+    except ValueError as e:  # analyze()'s own checks of what it was given
         log.error("pydecouple analyze: %s", e)
         return EXIT_BAD_INPUT
     from pydecouple.paths import _pct
