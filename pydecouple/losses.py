@@ -1,4 +1,4 @@
-"""The decoupling losses (METHOD.md, "Losses")::
+"""The decoupling losses of the paper (Li et al., ECCV 2020; the settings used here: docs/method.md)::
 
     L = CE(f(x), y) + lam_k * L_KL + lam_m * L_MI + lam_s * L_S
 
@@ -38,7 +38,7 @@ from .nn.gate import ArchitectureControl, gate_modules
 __all__ = ["mi_loss", "kl_loss", "sparsity_loss", "distillation_loss", "DecouplingLoss", "DistillationLoss",
            "METHOD_DEFAULTS"]
 
-# VGG (cfg E, BN), CIFAR-10 row of METHOD.md's table.
+# The authors' code's settings for VGG (cfg E, BN) on CIFAR-10.
 METHOD_DEFAULTS = dict(lam_k=1.0, lam_m=0.04, lam_s=2e-4, rho=0.0)
 
 
@@ -176,7 +176,7 @@ class DecouplingLoss(nn.Module):
     Args:
         model: the decoupled model (its ACMs, in forward order).
         num_classes: K.
-        lam_k, lam_m, lam_s, rho: METHOD.md's weights (defaults: the VGG CIFAR-10 row).
+        lam_k, lam_m, lam_s, rho: the paper's loss weights (defaults: the authors' VGG CIFAR-10 settings).
         kl_direction: ``"output_gate"`` (default) or ``"gate_output"``.
         normalize_sparsity: see :func:`sparsity_loss`.
         mi_init: ``"zeros"`` (default: L_MI starts at its chance value) or

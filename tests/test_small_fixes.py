@@ -67,8 +67,6 @@ def _citations(root: Path):
                 yield f"{path.relative_to(REPO)}:{i}: {line.strip()}"
 
 
-@pytest.mark.xfail(strict=True, reason="METHOD.md is still cited in paths.py, adversarial.py, ops.py and losses.py "
-                                       "(others' files); remove this marker once they cite what a clone has")
 def test_code_cites_no_method_md():
     """Code, docstrings and printed summaries point to a document the clone has."""
     found = [c for d in ("pydecouple", "kernels") for c in _citations(REPO / d)]
