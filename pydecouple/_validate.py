@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .geometry import output_size, same_padding
+
 
 def _fail(arg: str, expected: str, given: str, exc=ValueError):
     raise exc(f"gated_conv2d: argument '{arg}' must be {expected}, got {given}")
@@ -162,8 +164,7 @@ def normalize_conv_args(x, weight, bias, out_mask, in_mask, stride, padding, dil
             if s != (1, 1):
                 _fail("padding", "a number when stride is not 1 ('same' needs stride 1, as in F.conv2d)",
                       f"'same' with stride {s}")
-            th, tw = d[0] * (kh - 1), d[1] * (kw - 1)
-            pad4 = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            pad4 = same_padding((kh, kw), d)
         else:
             _fail("padding", "an int, a pair, 'same' or 'valid'", repr(padding))
     else:
@@ -184,7 +185,7 @@ def normalize_conv_args(x, weight, bias, out_mask, in_mask, stride, padding, dil
     # has (eh) leaves only o = 0, for any such stride: same output, and the
     # kernel gets a stride that fits in 32 bits.
     s = (min(s[0], eh), min(s[1], ew))
-    ho, wo = (eh - 1) // s[0] + 1, (ew - 1) // s[1] + 1
+    ho, wo = output_size(h, w, (kh, kw), s, pad4, d)
     if n * cout * ho * wo * x.element_size() > _INT64_MAX:
         _fail("padding", "small enough for the output to fit in memory addressable by a tensor (2**63 bytes)",
               f"padding {pad4} (top, bottom, left, right), giving an output of {n}x{cout}x{ho}x{wo} "
