@@ -131,11 +131,26 @@ def _run_cpu(x, weight, bias, out_mask, in_mask, stride, padding, dilation, grou
     return out.to(dtype) if dtype != torch.float32 else out
 
 
+_triton_import: Dict[str, Optional[str]] = {}
+
+
+def _triton_missing() -> Optional[str]:
+    """Why the Triton kernels cannot be imported (None if they can), asked
+    once: a traced forward then reads a cached value instead of an import."""
+    if "error" not in _triton_import:
+        try:
+            from .kernels import gated_conv2d_triton  # noqa: F401
+        except Exception as e:
+            _triton_import["error"] = f"Triton is not importable ({type(e).__name__}: {e})"
+        else:
+            _triton_import["error"] = None
+    return _triton_import["error"]
+
+
 def _why_not_triton(x):
-    try:
-        from .kernels import gated_conv2d_triton  # noqa: F401
-    except Exception as e:
-        return f"Triton is not importable ({type(e).__name__}: {e})"
+    err = _triton_missing()
+    if err:
+        return err
     if x.device.type == "cuda":
         return None
     if x.device.type == "cpu":

@@ -195,6 +195,13 @@ def test_case2_untraceable_model_says_what_it_cannot_convert():
         dec(torch.rand(2, 3, 8, 8))
     # excluding that conv is the way out; the summary says how
     assert "exclude" in str(dec.decouple_summary)
+    # accelerate() on the dense model: nothing is folded on a guess, the function is kept
+    randomize_bn(net)
+    x = torch.rand(3, 3, 8, 8)
+    accel = accelerate(net)
+    assert "could not trace" in str(accel.accelerate_summary)
+    with torch.no_grad():
+        assert_logits_match(accel(x), net(x))
 
 
 # ----------------------------------------------------------------------------- case 3: capture

@@ -279,6 +279,13 @@ def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = Fal
     ``torch.jit.trace``, ``torch.export`` or ``torch.compile``.
     """
     pinned = "dense" if not use_kernel else (_backend.requested() or _backend.AUTO)
+    for p in model.parameters():
+        if not p.is_cpu:
+            # Ask the dispatcher now what it can run on this device (imports
+            # included), so that a torch.compile trace of the forward meets
+            # cached answers only.
+            _backend.explain(p)
+        break
     was_training = model.training
     model.eval()
     try:
