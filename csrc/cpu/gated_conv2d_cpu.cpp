@@ -1,6 +1,14 @@
-// CPU implementation of pydecouple::gated_conv2d_cpu (float32).
+// CPU implementation of pydecouple::gated_conv2d_cpu: the entry point (checks,
+// dtype and engine choice) and the direct engine.
 //
-// For each sample n and group g, with I = its kept input channels (ki of them)
+// Two engines compute the op:
+//   * the GEMM engine (gemm_conv.cpp, gemm_engine.h): groups == 1, float32 and
+//     bfloat16 compute, NCHW and channels_last in and out, run-time ISA
+//     dispatch (AMX through oneDNN's brgemm, AVX-512, AVX2, portable);
+//   * the direct engine below: grouped and depthwise convolutions, float32
+//     (bfloat16/float16 widened), vectors along output positions.
+//
+// The direct engine: for each sample n and group g, with I = its kept input channels (ki of them)
 // and O = its kept filters (ko):
 //
 //   1. zero the output planes of the deselected filters.
@@ -23,6 +31,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_features.h"
+#include "gemm_engine.h"
 #include "microkernel.h"
 
 namespace pydecouple {
@@ -78,7 +88,8 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef
   g.ntiles = (g.npos + g.tile - 1) / g.tile;
   g.nv_last = (g.npos - (g.ntiles - 1) * g.tile + g.vl - 1) / g.vl;
 
-  std::vector<int64_t> slot_of_phase(g.sh * g.sw, -1);
+  // Phases actually used (at most KK of them), found by search: an array of
+  // sh * sw entries would grow with the stride (stride 2**32: bad_alloc).
   std::vector<int64_t> shift(g.KK);
   std::vector<int64_t> slot(g.KK);
   int64_t max_shift = 0;
@@ -86,12 +97,10 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       const int64_t eh = kh * g.dh, ew = kw * g.dw;
       const int64_t phase = (eh % g.sh) * g.sw + (ew % g.sw);
-      if (slot_of_phase[phase] < 0) {
-        slot_of_phase[phase] = static_cast<int64_t>(g.phase_of_slot.size());
-        g.phase_of_slot.push_back(phase);
-      }
+      const auto found = std::find(g.phase_of_slot.begin(), g.phase_of_slot.end(), phase);
       const int64_t t = kh * g.KW + kw;
-      slot[t] = slot_of_phase[phase];
+      slot[t] = found - g.phase_of_slot.begin();
+      if (found == g.phase_of_slot.end()) g.phase_of_slot.push_back(phase);
       shift[t] = (eh / g.sh) * g.Wq + (ew / g.sw);
       max_shift = std::max(max_shift, shift[t]);
     }
@@ -147,46 +156,16 @@ struct Item {
 
 }  // namespace
 
-at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
-                            const c10::optional<at::Tensor>& out_mask_in, const c10::optional<at::Tensor>& in_mask_in,
-                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            bool relu) {
-  // The Python wrapper checks everything with friendlier messages; these guard
-  // direct callers of torch.ops.pydecouple.gated_conv2d_cpu.
-  TORCH_CHECK(x_in.dim() == 4, "gated_conv2d_cpu: argument 'x' must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
-  TORCH_CHECK(weight_in.dim() == 4, "gated_conv2d_cpu: argument 'weight' must be 4-D, got ", weight_in.dim(), "-D");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight_in.scalar_type() == at::kFloat,
-              "gated_conv2d_cpu: arguments 'x' and 'weight' must be float32, got ", x_in.scalar_type(), " and ",
-              weight_in.scalar_type());
-  TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(), "gated_conv2d_cpu: tensors must be on the CPU");
-  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
-              "gated_conv2d_cpu: stride and dilation must have 2 entries and padding 4 (top, bottom, left, right)");
-  TORCH_CHECK(groups >= 1 && x_in.size(1) % groups == 0 && weight_in.size(0) % groups == 0 &&
-                  weight_in.size(1) * groups == x_in.size(1),
-              "gated_conv2d_cpu: argument 'weight' of shape ", weight_in.sizes(), " does not match x's ", x_in.size(1),
-              " channels with groups=", groups);
-  for (auto v : stride) TORCH_CHECK(v >= 1, "gated_conv2d_cpu: argument 'stride' must be >= 1, got ", stride);
-  for (auto v : dilation) TORCH_CHECK(v >= 1, "gated_conv2d_cpu: argument 'dilation' must be >= 1, got ", dilation);
-  for (auto v : padding) TORCH_CHECK(v >= 0, "gated_conv2d_cpu: argument 'padding' must be >= 0, got ", padding);
-
+// The direct engine (float32). Arguments are checked by gated_conv2d_cpu.
+at::Tensor gated_conv2d_direct(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+                               const c10::optional<at::Tensor>& out_mask_in, const c10::optional<at::Tensor>& in_mask_in,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               bool relu) {
   const at::Tensor weight = weight_in.contiguous();
   const Geometry g = make_geometry(x_in, weight, stride, padding, dilation, groups);
-  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "gated_conv2d_cpu: argument 'x' is smaller than the dilated kernel");
-  at::Tensor bias;
-  if (bias_in.has_value()) {
-    bias = bias_in->contiguous();
-    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == g.Cout,
-                "gated_conv2d_cpu: argument 'bias' must be float32 of shape (", g.Cout, ",), got ", bias.sizes());
-  }
-  auto check_mask = [&](const c10::optional<at::Tensor>& m, const char* name, int64_t c) -> at::Tensor {
-    if (!m.has_value()) return at::Tensor();
-    TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 2 && m->size(0) == g.N && m->size(1) == c,
-                "gated_conv2d_cpu: argument '", name, "' must be bool of shape (", g.N, ", ", c, "), got ",
-                m->scalar_type(), " ", m->sizes());
-    return m->contiguous();
-  };
-  const at::Tensor out_mask = check_mask(out_mask_in, "out_mask", g.Cout);
-  const at::Tensor in_mask = check_mask(in_mask_in, "in_mask", g.Cin);
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor out_mask = out_mask_in.has_value() ? out_mask_in->contiguous() : at::Tensor();
+  const at::Tensor in_mask = in_mask_in.has_value() ? in_mask_in->contiguous() : at::Tensor();
 
   // channels_last out exactly when x is channels_last-strided and not contiguous
   // (the rule of every backend and of the fake in pydecouple/ops.py).
@@ -350,7 +329,107 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   return out;
 }
 
+
+// ----------------------------------------------------------------------------- the entry point
+
+namespace {
+
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+}  // namespace
+
+at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
+                             bool nhwc_out);
+
+at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in,
+                            const c10::optional<at::Tensor>& out_mask_in, const c10::optional<at::Tensor>& in_mask_in,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            bool relu) {
+  // The Python wrapper checks everything with friendlier messages; these guard
+  // direct callers of torch.ops.pydecouple.gated_conv2d_cpu (the accelerated
+  // models call it), before any memory is touched.
+  TORCH_CHECK(x.dim() == 4, "gated_conv2d_cpu: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, "gated_conv2d_cpu: argument 'weight' must be 4-D, got ", weight.dim(), "-D");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "gated_conv2d_cpu: argument 'x' must be float32, bfloat16 or float16, got ", dtype_name(dt));
+  TORCH_CHECK(weight.scalar_type() == dt, "gated_conv2d_cpu: argument 'weight' must have x's dtype (",
+              dtype_name(dt), "), got ", dtype_name(weight.scalar_type()));
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "gated_conv2d_cpu: tensors must be on the CPU");
+  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
+              "gated_conv2d_cpu: stride and dilation must have 2 entries and padding 4 (top, bottom, left, right)");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && weight.size(0) % groups == 0 &&
+                  weight.size(1) * groups == x.size(1),
+              "gated_conv2d_cpu: argument 'weight' of shape ", weight.sizes(), " does not match x's ", x.size(1),
+              " channels with groups=", groups);
+  TORCH_CHECK(weight.size(0) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1,
+              "gated_conv2d_cpu: argument 'weight' must be non-empty in Cout, KH and KW, got ", weight.sizes());
+  // Bounds that keep every size computation below inside int64 (F.conv2d
+  // takes larger values, but no input is that large: its output would be 1x1
+  // or empty and is rejected the same way).
+  constexpr int64_t kMaxArg = int64_t{1} << 40;
+  for (auto v : stride)
+    TORCH_CHECK(v >= 1 && v <= kMaxArg, "gated_conv2d_cpu: argument 'stride' must be in [1, 2**40], got ", stride);
+  for (auto v : dilation)
+    TORCH_CHECK(v >= 1 && v <= kMaxArg, "gated_conv2d_cpu: argument 'dilation' must be in [1, 2**40], got ",
+                dilation);
+  for (auto v : padding)
+    TORCH_CHECK(v >= 0 && v <= kMaxArg, "gated_conv2d_cpu: argument 'padding' must be in [0, 2**40], got ", padding);
+
+  ConvShape s;
+  s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
+  s.O = weight.size(0); s.Op = (s.O + 15) / 16 * 16; s.KH = weight.size(2); s.KW = weight.size(3); s.KK = s.KH * s.KW;
+  s.sh = stride[0]; s.sw = stride[1]; s.pt = padding[0]; s.pl = padding[2]; s.dh = dilation[0]; s.dw = dilation[1];
+  const int64_t eh = s.H + padding[0] + padding[1] - s.dh * (s.KH - 1);
+  const int64_t ew = s.W + padding[2] + padding[3] - s.dw * (s.KW - 1);
+  TORCH_CHECK(eh >= 1 && ew >= 1, "gated_conv2d_cpu: argument 'x' of size ", s.H, "x", s.W,
+              " is smaller than the dilated kernel after padding");
+  s.Ho = (eh - 1) / s.sh + 1;
+  s.Wo = (ew - 1) / s.sw + 1;
+  s.P = s.Ho * s.Wo;
+
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = *bias_in;
+    TORCH_CHECK(bias.scalar_type() == dt && bias.dim() == 1 && bias.numel() == s.O, "gated_conv2d_cpu: argument 'bias' must be ",
+                dtype_name(dt), " of shape (", s.O, ",), got ", dtype_name(bias.scalar_type()), " ", bias.sizes());
+  }
+  const int64_t N = x.size(0);
+  auto check_mask = [&](const c10::optional<at::Tensor>& m, const char* name, int64_t c) -> at::Tensor {
+    if (!m.has_value()) return at::Tensor();
+    TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 2 && m->size(0) == N && m->size(1) == c,
+                "gated_conv2d_cpu: argument '", name, "' must be bool of shape (", N, ", ", c, "), got ",
+                m->scalar_type(), " ", m->sizes());
+    TORCH_CHECK(m->device().is_cpu(), "gated_conv2d_cpu: argument '", name, "' must be on the CPU");
+    return m->contiguous();
+  };
+  const at::Tensor out_mask = check_mask(out_mask_in, "out_mask", s.O);
+  const at::Tensor in_mask = check_mask(in_mask_in, "in_mask", s.C);
+
+  // channels_last out exactly when x is channels_last-strided and not
+  // contiguous (F.conv2d's rule, and the fake's in pydecouple/ops.py).
+  const bool nhwc_out = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  if (groups == 1) return gated_conv2d_gemm(x, weight, bias, out_mask, in_mask, s, relu, nhwc_out);
+
+  // Grouped and depthwise: the direct engine, in float32.
+  const bool widen = dt != at::kFloat;
+  const at::Tensor x32 = widen ? x.to(at::kFloat) : x;
+  const c10::optional<at::Tensor> b32 =
+      bias.defined() ? c10::optional<at::Tensor>(widen ? bias.to(at::kFloat) : bias) : c10::nullopt;
+  const c10::optional<at::Tensor> om = out_mask.defined() ? c10::optional<at::Tensor>(out_mask) : c10::nullopt;
+  const c10::optional<at::Tensor> imk = in_mask.defined() ? c10::optional<at::Tensor>(in_mask) : c10::nullopt;
+  at::Tensor out = gated_conv2d_direct(x32, widen ? weight.to(at::kFloat) : weight, b32, om, imk, stride, padding,
+                                       dilation, groups, relu);
+  return widen ? out.to(dt) : out;
+}
+
+std::string cpu_info() { return describe_cpu(); }
+
 }  // namespace cpu
 }  // namespace pydecouple
 
 TORCH_LIBRARY_IMPL(pydecouple, CPU, m) { m.impl("gated_conv2d_cpu", &pydecouple::cpu::gated_conv2d_cpu); }
+
+// No tensor argument: a catch-all kernel, callable on any machine.
+TORCH_LIBRARY_FRAGMENT(pydecouple, m) { m.def("cpu_info() -> str", &pydecouple::cpu::cpu_info); }

@@ -1,0 +1,368 @@
+// The GEMM engine's driver: masks to kept lists, the work split, buffers and
+// threads (see gemm_engine.h for the algorithm and the kernels it calls).
+//
+// Work order. Filters are cut into blocks whose packed weights (KK x C x ob
+// elements) fit half of a core's L2; items are (filter block, sample, block
+// of output positions), filter block outermost, so the items one thread runs
+// in a row share a block of weights that stays in its L2 while every sample
+// gathers its kept rows and filters from it. Small layers have one block, and
+// the order is then simply sample by sample.
+//
+// Per item: gather B (the sample's kept filters of the block over its kept
+// channels; once per (block, sample)), im2col A for the positions (the 1x1,
+// stride-1, unpadded case reads the gathered input in place), one GEMM, the
+// epilogue. The kept channels of every sample are gathered (and, for NCHW
+// input, transposed) once, before the items, in parallel.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu_features.h"
+#include "gemm_engine.h"
+#include "weight_cache.h"
+
+namespace pydecouple {
+namespace cpu {
+namespace {
+
+// Cache budgets (a core's L2 is 1 MiB on Zen 4, 2 MiB on Sapphire Rapids).
+constexpr int64_t kSourceBlockBytes = 256 * 1024;  // packed weights of one K block, all filters
+constexpr int64_t kCGroupBytes = 384 * 1024;       // float32 C tiles of one group of units
+constexpr int64_t kMaxRowsPerUnit = 512;           // images up to this many positions are one unit
+constexpr int64_t kRowsPerUnit = 256;              // else position blocks of this many rows
+constexpr int64_t kPanel = 64;
+constexpr int64_t kFullOMaxP = 9;                  // images of up to 3x3 outputs compute every filter                     // kept filters per gathered panel of B (4 zmm vectors)
+
+Elem elem_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Elem::f32;
+    case at::kBFloat16: return Elem::bf16;
+    case at::kHalf: return Elem::f16;
+    default: TORCH_CHECK(false, "gated_conv2d_cpu: unsupported dtype ", t);
+  }
+}
+
+// oneDNN's brgemm micro-kernel (AMX tiles for bfloat16 where the CPU has
+// them) behind the engine's GEMM signature.
+void gemm_onednn_f32(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb,
+                     float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, static_cast<const float*>(a),
+                              static_cast<const float*>(b), c, false);
+}
+
+void gemm_onednn_bf16(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb,
+                      float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, static_cast<const at::BFloat16*>(a),
+                              static_cast<const at::BFloat16*>(b), c, true);
+}
+
+// The kernels for a path and a compute type; the oneDNN paths borrow the
+// gathers and epilogue of the best own instruction set the CPU has.
+EngineKernels kernels_for(CpuPath path, Elem compute) {
+  const CpuFeatures& f = cpu_features();
+  auto own = [&](CpuPath p, Elem ct) -> const EngineKernels* {
+    switch (p) {
+      case CpuPath::avx512: return engine_avx512(ct);
+      case CpuPath::avx2: return engine_avx2(ct);
+      default: return engine_generic(ct);
+    }
+  };
+  if (path == CpuPath::amx || path == CpuPath::onednn) {
+    const CpuPath host = f.avx512 ? CpuPath::avx512 : (f.avx2 ? CpuPath::avx2 : CpuPath::generic);
+    EngineKernels k = *own(host, Elem::f32);
+    k.name = path_name(path);
+    k.compute = compute;
+    if (compute == Elem::bf16) {
+      // The bfloat16 gathers of the AVX-512 engine, or the generic ones.
+      const EngineKernels* g = f.avx512 ? engine_avx512(Elem::bf16) : nullptr;
+      k.gather_weight = g ? g->gather_weight : engine_generic(Elem::f32)->gather_weight;
+      if (!g) {
+        // engine_generic has no bfloat16 gather of its own: compute in float32.
+        k.compute = Elem::f32;
+        k.gemm = &gemm_onednn_f32;
+        return k;
+      }
+      k.gemm = &gemm_onednn_bf16;
+    } else {
+      k.gemm = &gemm_onednn_f32;
+    }
+    return k;
+  }
+  const EngineKernels* k = own(path, compute);
+  TORCH_INTERNAL_ASSERT(k != nullptr);
+  return *k;
+}
+
+// The compute type for an input dtype on a path: bfloat16 stays bfloat16
+// where the path has a bfloat16 dot product (vdpbf16ps, AMX); everything
+// else (float16 included: no float32-accumulating float16 dot product before
+// AMX-FP16) is widened to float32.
+Elem compute_type(CpuPath path, Elem xt) {
+  if (xt != Elem::bf16) return Elem::f32;
+  const CpuFeatures& f = cpu_features();
+  switch (path) {
+    case CpuPath::amx: return Elem::bf16;
+    case CpuPath::onednn: return f.avx512 ? Elem::bf16 : Elem::f32;
+    case CpuPath::avx512: return (f.avx512_bf16 && engine_avx512(Elem::bf16) != nullptr) ? Elem::bf16 : Elem::f32;
+    default: return Elem::f32;
+  }
+}
+
+void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a) {
+  const int64_t row = kip * es;
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
+    char* dst = a + r * s.KK * row;
+    for (int64_t kh = 0; kh < s.KH; ++kh) {
+      const int64_t h = ho * s.sh - s.pt + kh * s.dh;
+      for (int64_t kw = 0; kw < s.KW; ++kw, dst += row) {
+        const int64_t w = wo * s.sw - s.pl + kw * s.dw;
+        if (h < 0 || h >= s.H || w < 0 || w >= s.W) {
+          std::memset(dst, 0, row);
+        } else {
+          std::memcpy(dst, xg + (h * s.W + w) * row, row);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const char* gemm_path_name() { return path_name(current_path()); }
+
+at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
+                             bool nhwc_out) {
+  const int64_t N = x.size(0);
+  const CpuPath path = current_path();
+  const Elem xt = elem_of(x.scalar_type());
+  const Elem ct = compute_type(path, xt);
+  const EngineKernels k = kernels_for(path, ct);
+  const int64_t es = elem_bytes(ct);
+  const bool bf16 = ct == Elem::bf16;
+  const bool onednn = path == CpuPath::amx || path == CpuPath::onednn;
+
+  at::Tensor out = at::empty({N, s.O, s.Ho, s.Wo}, x.options().memory_format(
+                                                       nhwc_out ? at::MemoryFormat::ChannelsLast
+                                                                : at::MemoryFormat::Contiguous));
+  if (N == 0) return out;
+  const at::Tensor wt = packed_weight(weight, bf16 ? at::kBFloat16 : at::kFloat);
+  const char* wtp = static_cast<const char*>(wt.const_data_ptr());
+  at::Tensor bias_f;
+  if (bias.defined()) bias_f = bias.to(at::kFloat).contiguous();
+  const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  const Elem ot = xt;
+  char* outp = static_cast<char*>(out.data_ptr());
+  const int64_t sample_out_bytes = s.O * s.P * out.element_size();
+
+  // Per sample: kept channels (their count rounded up to even for bfloat16's
+  // pairs), kept filters, and both masks as 16-bit words.
+  const bool* om = out_mask.defined() ? out_mask.const_data_ptr<bool>() : nullptr;
+  const bool* im = in_mask.defined() ? in_mask.const_data_ptr<bool>() : nullptr;
+  const int64_t ochunks = (s.O + 15) / 16, cchunks = (s.C + 15) / 16;
+  std::vector<int32_t> cidx(N * s.C), fidx(N * s.O);
+  std::vector<uint16_t> in_bits(N * cchunks, 0), out_bits(N * ochunks, 0);
+  std::vector<int64_t> ki(N), kip(N), ko(N), xg_off(N + 1, 0);
+  std::vector<int32_t> out_offs(N * ochunks);
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t j = 0;
+    for (int64_t c = 0; c < s.C; ++c) {
+      if (im == nullptr || im[n * s.C + c]) {
+        cidx[n * s.C + j++] = static_cast<int32_t>(c);
+        in_bits[n * cchunks + c / 16] |= static_cast<uint16_t>(1u << (c % 16));
+      }
+    }
+    ki[n] = j;
+    kip[n] = bf16 ? (j + 1) / 2 * 2 : j;
+    j = 0;
+    for (int64_t o = 0; o < s.O; ++o) {
+      if (om == nullptr || om[n * s.O + o]) {
+        fidx[n * s.O + j++] = static_cast<int32_t>(o);
+        out_bits[n * ochunks + o / 16] |= static_cast<uint16_t>(1u << (o % 16));
+      }
+    }
+    ko[n] = j;
+    for (int64_t i = 0, acc = 0; i < ochunks; ++i) {
+      out_offs[n * ochunks + i] = static_cast<int32_t>(acc);
+      acc += __builtin_popcount(out_bits[n * ochunks + i]);
+    }
+    xg_off[n + 1] = xg_off[n] + s.H * s.W * kip[n] * es;
+  }
+  const int64_t max_kip = std::max<int64_t>(2, *std::max_element(kip.begin(), kip.end()));
+  const int64_t max_kop = std::max<int64_t>(16, (*std::max_element(ko.begin(), ko.end()) + 15) / 16 * 16);
+  auto kept_of = [&](int64_t n) {
+    return KeptFilters{fidx.data() + n * s.O, out_bits.data() + n * ochunks, out_offs.data() + n * ochunks, ko[n],
+                       (ko[n] + 15) / 16 * 16};
+  };
+
+  // 1. Every sample's kept channels, NHWC, in the compute type, in parallel.
+  std::vector<char> xg(std::max<int64_t>(xg_off[N], 1));
+  {
+    const auto xs = x.strides();
+    const char* xp = static_cast<const char*>(x.const_data_ptr());
+    const int64_t xes = x.element_size();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        k.gather_input(xp + n * xs[0] * xes, xt, ct, xs[1], xs[2], xs[3], s, cidx.data() + n * s.C,
+                       in_bits.data() + n * cchunks, ki[n], kip[n], xg.data() + xg_off[n]);
+      }
+    });
+  }
+  // A 1x1, stride-1, unpadded convolution reads the gathered input as A.
+  const bool direct_a = s.KK == 1 && s.sh == 1 && s.sw == 1 && s.pt == 0 && s.pl == 0 && s.Ho == s.H && s.Wo == s.W;
+
+  // K blocks: ranges of B's rows (taps x input channels) whose source weights
+  // (all O filters) fit kSourceBlockBytes, so that they stay in L2 while a
+  // thread runs every sample of a group through them: the weights then come
+  // from memory once per group instead of once per sample.
+  struct KBlock {
+    int64_t t0, t1, c0, c1;  // taps [t0, t1) x input channels [c0, c1)
+  };
+  std::vector<KBlock> kblocks;
+  const int64_t tap_bytes = s.C * s.Op * es;
+  if (tap_bytes * s.KK <= kSourceBlockBytes) {
+    kblocks.push_back({0, s.KK, 0, s.C});
+  } else if (tap_bytes <= kSourceBlockBytes) {
+    const int64_t taps = kSourceBlockBytes / tap_bytes;
+    for (int64_t t = 0; t < s.KK; t += taps) kblocks.push_back({t, std::min(s.KK, t + taps), 0, s.C});
+  } else {
+    const int64_t cb = std::max<int64_t>(16, kSourceBlockBytes / (s.Op * es) / 16 * 16);
+    for (int64_t t = 0; t < s.KK; ++t)
+      for (int64_t c = 0; c < s.C; c += cb) kblocks.push_back({t, t + 1, c, std::min(s.C, c + cb)});
+  }
+  // A sample's rows of a K block: its kept channels in [c0, c1), whole pairs
+  // for bfloat16 (a pair straddling two blocks goes to the first).
+  auto rows_of = [&](int64_t n, const KBlock& kb, int64_t* j0, int64_t* j1) {
+    *j0 = 0;
+    *j1 = kip[n];
+    if (kb.c0 == 0 && kb.c1 == s.C) return;
+    const int32_t* cl = cidx.data() + n * s.C;
+    *j0 = std::lower_bound(cl, cl + ki[n], static_cast<int32_t>(kb.c0)) - cl;
+    *j1 = kb.c1 == s.C ? kip[n] : std::lower_bound(cl, cl + ki[n], static_cast<int32_t>(kb.c1)) - cl;
+    if (bf16) {
+      *j0 &= ~int64_t{1};
+      if (kb.c1 < s.C) *j1 &= ~int64_t{1};
+    }
+  };
+  int64_t max_block_rows = 0;
+  for (const auto& kb : kblocks)
+    max_block_rows = std::max(max_block_rows, (kb.t1 - kb.t0) * std::min(max_kip, kb.c1 - kb.c0 + 2));
+  // B for one (sample, K block): the block's rows x the kept filters.
+  const int64_t panel_bytes = max_block_rows * max_kop * es + 64 * 4;
+
+  // One (sample, position block, kept filters [f0, f1)) through every K
+  // block, accumulating into c (row length ldc).
+  auto run_unit = [&](int64_t n, int64_t p0, int64_t M, int64_t f0, int64_t f1, const char* a, float* c, int64_t ldc,
+                      char* panel, const KBlock* kb_begin, const KBlock* kb_end, bool accumulate) {
+    const KeptFilters kf = kept_of(n);
+    for (const KBlock* kb = kb_begin; kb != kb_end; ++kb) {
+      int64_t j0, j1;
+      rows_of(n, *kb, &j0, &j1);
+      if (j1 <= j0) continue;
+      const int64_t K = (kb->t1 - kb->t0) * (j1 - j0);
+      const char* ak = a + (kb->t0 * kip[n] + j0) * es;
+      // (A panel per 64 filters, gathered right before its GEMM to stay in
+      // L1, measured slower: the gather then re-reads the source words
+      // shared by neighbouring panels, and the calls multiply.)
+      const int64_t pw = (f1 - f0 + 15) / 16 * 16;
+      k.gather_weight(wtp, s, cidx.data() + n * s.C, ki[n], kb->t0, kb->t1, j0, j1, kf, f0, f1, pw, panel);
+      k.gemm(M, pw, K, ak, s.KK * kip[n], panel, pw, c, ldc, accumulate);
+      accumulate = true;
+    }
+    (void)p0;
+    return accumulate;
+  };
+
+  // Positions are cut into blocks of mb rows; a "unit" is (sample, block).
+  const int64_t mb = s.P <= kMaxRowsPerUnit ? s.P : kRowsPerUnit;
+  const int64_t mblocks = (s.P + mb - 1) / mb;
+  const int64_t units = N * mblocks;
+  const int64_t threads = at::get_num_threads();
+  const int64_t a_row_bytes = s.KK * max_kip * es;
+  auto a_of = [&](int64_t n, int64_t p0, int64_t M, char* buf) -> const char* {
+    if (direct_a) return xg.data() + xg_off[n] + p0 * kip[n] * es;
+    im2col(xg.data() + xg_off[n], s, kip[n], es, p0, M, buf);
+    return buf;
+  };
+
+  if (units >= 2 * threads) {
+    // ---- many units: groups of units, K blocks outside, units inside --------
+    const int64_t group = std::max<int64_t>(1, kCGroupBytes / (mb * max_kop * 4));
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      std::vector<char> panel(panel_bytes);
+      std::vector<char> abuf(direct_a ? 1 : group * mb * a_row_bytes + 64);
+      std::vector<float> cbuf(group * mb * max_kop);
+      std::vector<char> started(group);
+      std::vector<const char*> a_ptr(group);
+      for (int64_t g0 = begin; g0 < end; g0 += group) {
+        const int64_t g1 = std::min(end, g0 + group);
+        for (int64_t u = g0; u < g1; ++u) {
+          const int64_t n = u / mblocks, p0 = (u % mblocks) * mb;
+          a_ptr[u - g0] = a_of(n, p0, std::min(mb, s.P - p0), abuf.data() + (u - g0) * mb * a_row_bytes);
+        }
+        std::fill(started.begin(), started.end(), 0);
+        for (const KBlock& kb : kblocks) {
+          for (int64_t u = g0; u < g1; ++u) {
+            const int64_t n = u / mblocks, p0 = (u % mblocks) * mb, M = std::min(mb, s.P - p0);
+            if (ko[n] == 0 || ki[n] == 0) continue;
+            const int64_t kop = (ko[n] + 15) / 16 * 16;
+            started[u - g0] = run_unit(n, p0, M, 0, ko[n], a_ptr[u - g0], cbuf.data() + (u - g0) * mb * max_kop,
+                                       kop, panel.data(), &kb, &kb + 1, started[u - g0] != 0);
+          }
+        }
+        for (int64_t u = g0; u < g1; ++u) {
+          const int64_t n = u / mblocks, p0 = (u % mblocks) * mb, M = std::min(mb, s.P - p0);
+          const KeptFilters kf = kept_of(n);
+          float* cu = cbuf.data() + (u - g0) * mb * max_kop;
+          if (!started[u - g0]) std::fill(cu, cu + M * kf.kop, 0.0f);  // no input channel: bias (and ReLU) only
+          k.epilogue(cu, kf.kop, M, p0, kf, 0, kf.ko, true, s, bp, relu, outp + n * sample_out_bytes, ot, nhwc_out);
+        }
+      }
+      if (onednn) at::native::cpublas::brgemm_release(bf16);
+    });
+    return out;
+  }
+
+  // ---- few units (batch 1, small images): one sample at a time -------------
+  // The threads split (position block x range of kept filters); each runs
+  // its part through every K block.
+  for (int64_t n = 0; n < N; ++n) {
+    const KeptFilters kf = kept_of(n);
+    char* out_n = outp + n * sample_out_bytes;
+    int64_t ncb = 1;
+    if (mblocks < 2 * threads) ncb = std::min<int64_t>(std::max<int64_t>(1, kf.kop / 16), (2 * threads + mblocks - 1) / mblocks);
+    const int64_t cbw = std::max<int64_t>(16, (kf.kop / 16 + ncb - 1) / ncb * 16);
+    ncb = std::max<int64_t>(1, (kf.kop + cbw - 1) / cbw);
+    if (ncb > 1) std::memset(out_n, 0, sample_out_bytes);  // each range writes only its kept filters
+    at::parallel_for(0, mblocks * ncb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<char> panel(panel_bytes);
+      std::vector<char> abuf(direct_a ? 1 : mb * a_row_bytes + 64);
+      std::vector<float> cbuf(mb * cbw);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t p0 = (it / ncb) * mb, M = std::min(mb, s.P - p0);
+        const int64_t f0 = (it % ncb) * cbw, f1 = std::min(kf.ko, f0 + cbw);
+        if (f1 <= f0 && ncb > 1) continue;
+        bool started = false;
+        if (kf.ko > 0 && ki[n] > 0) {
+          const char* a = a_of(n, p0, M, abuf.data());
+          started = run_unit(n, p0, M, f0, f1, a, cbuf.data(), cbw, panel.data(), kblocks.data(),
+                             kblocks.data() + kblocks.size(), false);
+        }
+        if (!started) std::fill(cbuf.begin(), cbuf.begin() + M * cbw, 0.0f);
+        k.epilogue(cbuf.data(), cbw, M, p0, kf, f0, std::max(f0, f1), ncb == 1, s, bp, relu, out_n, ot, nhwc_out);
+      }
+      if (onednn) at::native::cpublas::brgemm_release(bf16);
+    });
+  }
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace pydecouple

@@ -1,0 +1,119 @@
+// The GEMM engine of the CPU gated convolution: torch-free building blocks.
+//
+// A gated convolution is, per sample n, a small dense convolution of its ki
+// kept input channels into its ko kept filters. The engine computes it as an
+// im2col GEMM in a channels-minor ("pixel-major") layout:
+//
+//   C[p][m] = sum_{t < KK} sum_{j < ki} X[n][c_j][pos(p, t)] * W[o_m][c_j][t]
+//
+// with A = im2col of the sample's kept channels (rows: output positions p,
+// columns: (tap t, kept channel j)), B = the kept filters' weights over the
+// kept channels (rows: (t, j), columns: kept filters m), C in float32.
+//
+// * Vectors run along filters (B's rows), so a 2x2 or 4x4 image wastes no lane
+//   (the direct kernel vectorised along positions and lost half of every
+//   vector there).
+// * B is gathered per (sample, block of filters) from weights packed once per
+//   weight tensor ([KK][C][O], filters contiguous; cached by the driver) with
+//   AVX-512 compress instructions: a kept filter row costs one load and one
+//   compress per 16 filters. Filters are processed in blocks whose packed
+//   weights fit the L2 cache, with the samples inside a block, so that every
+//   sample gathers its weights from L2 and not from L3 or memory: at batch 32
+//   on a 2x2 image the weights are read 4 times per sample, and gathering
+//   them from L3 cost more than the arithmetic.
+// * bfloat16: A and B stay bfloat16 (B in the VNNI pair layout [K/2][N][2]
+//   that vdpbf16ps and AMX read), accumulation is float32, rounding to
+//   bfloat16 happens once, in the epilogue.
+// * The epilogue adds the bias, applies the ReLU and writes the output block
+//   in the output's layout (NCHW planes or NHWC rows), writing zeros for the
+//   deselected filters of the block: every output element is written once.
+//
+// Everything here takes raw pointers, so the same source compiles for several
+// instruction sets (gemm_engine_impl.h, included by one translation unit per
+// ISA) without a torch header inheriting a target attribute.
+
+#pragma once
+
+#include <cstdint>
+
+namespace pydecouple {
+namespace cpu {
+
+// Element types of tensors the engine reads and writes.
+enum class Elem : int32_t { f32 = 0, bf16 = 1, f16 = 2 };
+inline int64_t elem_bytes(Elem e) { return e == Elem::f32 ? 4 : 2; }
+
+// One convolution with groups == 1; padding given by its top/left offsets.
+struct ConvShape {
+  int64_t C, H, W;       // input channels and size
+  int64_t O, KH, KW, KK; // filters and kernel
+  int64_t Op;            // O rounded up to 16: the row length of the packed weights
+  int64_t sh, sw, pt, pl, dh, dw;
+  int64_t Ho, Wo, P;     // output size, P = Ho * Wo
+};
+
+// The filters one sample keeps.
+struct KeptFilters {
+  const int32_t* idx;    // the ko kept filters, increasing
+  const uint16_t* bits;  // the out-mask over all O filters, 16 per word
+  const int32_t* offs;   // per word: kept filters before it (prefix popcount)
+  int64_t ko;            // kept filters
+  int64_t kop;           // ko rounded up to 16: the row length of B and C
+};
+
+// The kernels of one instruction set, for one compute element type
+// (float32, or bfloat16 where the ISA has a bfloat16 dot product).
+struct EngineKernels {
+  const char* name;  // e.g. "avx512"
+  Elem compute;      // element type of A and B
+
+  // Kept channels of one sample, as NHWC rows of kip elements (ki kept, then
+  // zeros): xg[(h * W + w) * kip + j] = x[cidx[j]][h][w], converted from xt
+  // to ct (the compute type, or float32 for a widened bfloat16/float16).
+  // x points at the sample; sC, sH, sW are its strides in elements.
+  // in_bits: the sample's in-mask, 16 channels per word.
+  void (*gather_input)(const void* x, Elem xt, Elem ct, int64_t sC, int64_t sH, int64_t sW, const ConvShape& s,
+                       const int32_t* cidx, const uint16_t* in_bits, int64_t ki, int64_t kip, void* xg);
+
+  // A panel of B: rows (t, j) for taps t in [t0, t1) and kept channels j in
+  // [j0, j1) (rows j >= ki are zero), in that order, and columns the kept
+  // filters [c0, c1) of the sample (c1 > c0). Row length ldb, a multiple of
+  // 16 >= c1 - c0; the columns past c1 - c0 hold anything (the C columns
+  // they make are never read). f32: b[row * ldb + m - c0]; bf16: the VNNI
+  // layout b[(row / 2) * 2 * ldb + 2 * (m - c0) + (row & 1)], with j0 and
+  // j1 - j0 even. Stores may run up to 16 elements (f32) or pairs (bf16)
+  // past the last row: the buffer has that slack. wt: the weights packed as
+  // [KK][C][Op] in the compute type, zero past O.
+  void (*gather_weight)(const void* wt, const ConvShape& s, const int32_t* cidx, int64_t ki, int64_t t0, int64_t t1,
+                        int64_t j0, int64_t j1, const KeptFilters& kf, int64_t c0, int64_t c1, int64_t ldb, void* b);
+
+  // C[M][N] (+)= A[M][K] * B[K][N] in float32: C is overwritten, or added
+  // to where `accumulate`. N is a multiple of 16. bf16: K is even and B is in
+  // the VNNI layout (ldb counts filters: a row of pairs has ldb pairs).
+  void (*gemm)(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
+               int64_t ldc, bool accumulate);
+
+  // Output for positions p in [p0, p0 + M) and the kept filters m in
+  // [c0, c1): out(p, kf.idx[m]) = relu?(c[(p - p0) * ldc + m - c0] + bias[o]).
+  // write_zeros: also write 0 for every deselected filter at these positions
+  // (then c0 = 0 and c1 = ko). out points at the sample; NCHW (nhwc false):
+  // out[o * P + p]; NHWC: out[p * O + o].
+  void (*epilogue)(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilters& kf, int64_t c0, int64_t c1,
+                   bool write_zeros, const ConvShape& s, const float* bias, bool relu, void* out, Elem ot, bool nhwc);
+};
+
+// The bfloat16 GEMM on vdpbf16ps (gemm_engine_avx512bf16.cpp): A [M][K]
+// bfloat16 rows, B in the VNNI layout, C float32; K even. nullptr where the
+// build lacks it. The caller checks the CPU has AVX512_BF16.
+using GemmFn = void (*)(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb,
+                        float* c, int64_t ldc, bool accumulate);
+GemmFn gemm_bf16_avx512();
+
+// The kernels of each instruction set (nullptr where the build lacks it; the
+// caller checks the CPU has it).
+const EngineKernels* engine_avx512(Elem compute);  // AVX-512F/BW/VL/DQ (+ AVX512_BF16 for bf16 compute)
+const EngineKernels* engine_avx2(Elem compute);    // AVX2 + FMA, float32 compute
+const EngineKernels* engine_generic(Elem compute); // any CPU, float32 compute
+
+}  // namespace cpu
+}  // namespace pydecouple

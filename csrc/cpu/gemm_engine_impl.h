@@ -1,0 +1,526 @@
+// Body of the GEMM engine's kernels (see gemm_engine.h), included by one
+// translation unit per instruction set:
+//
+//   ENGINE_NS   the namespace of this instantiation (avx512, avx2, generic)
+//   ENGINE_ISA  0 = portable C++, 1 = AVX2 + FMA, 2 = AVX-512 (F, BW, VL, DQ)
+//
+// The including file sets the target (#pragma GCC target) before including
+// this header, and includes no torch header. The bfloat16 dot-product GEMM
+// lives in its own translation unit (gemm_engine_avx512bf16.cpp) so that no
+// AVX512_BF16 instruction can appear in code that runs on an AVX-512 CPU
+// without it.
+
+#include <algorithm>
+#include <cstring>
+
+#if ENGINE_ISA >= 1
+#include <immintrin.h>
+#endif
+
+#include "gemm_engine.h"
+
+// Vectors never cross a non-inline call here; the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace pydecouple {
+namespace cpu {
+namespace ENGINE_NS {
+namespace {
+
+// ----------------------------------------------------------------------------- scalar conversions
+
+inline float bf16_to_f32(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, as PyTorch's c10::BFloat16 does; NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float f16_to_f32(uint16_t v) {
+  _Float16 h;
+  std::memcpy(&h, &v, 2);
+  return static_cast<float>(h);
+}
+
+inline uint16_t f32_to_f16(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t v;
+  std::memcpy(&v, &h, 2);
+  return v;
+}
+
+inline float load_elem(const void* p, int64_t i, Elem t) {
+  switch (t) {
+    case Elem::f32: return static_cast<const float*>(p)[i];
+    case Elem::bf16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+inline void store_elem(void* p, int64_t i, Elem t, float v) {
+  switch (t) {
+    case Elem::f32: static_cast<float*>(p)[i] = v; break;
+    case Elem::bf16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+  }
+}
+
+// ----------------------------------------------------------------------------- AVX-512 vector helpers
+
+#if ENGINE_ISA >= 2
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+
+// 16 elements of type t (n valid, the rest read as 0) as floats.
+inline __m512 load16(const void* p, Elem t, __mmask16 m) {
+  switch (t) {
+    case Elem::f32: return _mm512_maskz_loadu_ps(m, p);
+    case Elem::bf16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    default: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+
+// Round 16 floats to bfloat16 (nearest even; NaN quiet), as 16-bit lanes.
+inline __m256i f32_to_bf16_16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store16(void* p, Elem t, __m512 v, __mmask16 m) {
+  switch (t) {
+    case Elem::f32: _mm512_mask_storeu_ps(p, m, v); break;
+    case Elem::bf16: _mm256_mask_storeu_epi16(p, m, f32_to_bf16_16(v)); break;
+    default: _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); break;
+  }
+}
+
+// 16 x 16 transpose of 32-bit lanes: r[i] holds row i on entry, column i on
+// exit (unpack pairs, then 64-bit pairs, then 128-bit lanes twice).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+
+// ----------------------------------------------------------------------------- gather_input
+
+void gather_input(const void* x, Elem xt, Elem ct, int64_t sC, int64_t sH, int64_t sW, const ConvShape& s,
+                  const int32_t* cidx, const uint16_t* in_bits, int64_t ki, int64_t kip, void* xg) {
+  (void)in_bits;
+#if ENGINE_ISA >= 2
+  const int64_t HW = s.H * s.W;
+  const Elem ct2 = ct;
+  if (sC == 1) {
+    // Channels contiguous (NHWC): compress each position's channel vector.
+    const int64_t nchunk = (s.C + 15) / 16;
+    const int64_t es = elem_bytes(xt);
+    for (int64_t h = 0; h < s.H; ++h) {
+      for (int64_t w = 0; w < s.W; ++w) {
+        const char* src = static_cast<const char*>(x) + (h * sH + w * sW) * es;
+        const int64_t row = (h * s.W + w) * kip;
+        int64_t off = 0;
+        for (int64_t i = 0; i < nchunk; ++i) {
+          const __mmask16 keep = in_bits[i];
+          if (!keep) continue;
+          const __m512 v = load16(src + 16 * i * es, xt, tail_mask(s.C - 16 * i));
+          const __m512 c = _mm512_maskz_compress_ps(keep, v);
+          const __mmask16 cnt = tail_mask(__builtin_popcount(keep));
+          if (ct2 == Elem::f32) {
+            _mm512_mask_storeu_ps(static_cast<float*>(xg) + row + off, cnt, c);
+          } else {
+            // bf16 -> bf16: the float is an exact widening; narrow it back.
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(xg) + row + off, cnt,
+                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(c), 16)));
+          }
+          off += __builtin_popcount(keep);
+        }
+        for (int64_t j = ki; j < kip; ++j) store_elem(xg, row + j, ct2, 0.0f);
+      }
+    }
+    return;
+  }
+  if (sW == 1 && sH == s.W) {
+    // NCHW planes: 16 kept channels x 16 positions at a time, transposed in registers.
+    const int64_t es = elem_bytes(xt);
+    for (int64_t j0 = 0; j0 < ki; j0 += 16) {
+      const int64_t nj = std::min<int64_t>(16, ki - j0);
+      for (int64_t p0 = 0; p0 < HW; p0 += 16) {
+        const int64_t np = std::min<int64_t>(16, HW - p0);
+        const __mmask16 pm = tail_mask(np);
+        __m512 r[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          r[j] = j < nj ? load16(static_cast<const char*>(x) + (cidx[j0 + j] * sC + p0) * es, xt, pm)
+                        : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        const __mmask16 jm = tail_mask(nj);
+        for (int64_t p = 0; p < np; ++p) {
+          const int64_t dst = (p0 + p) * kip + j0;
+          if (ct2 == Elem::f32) {
+            _mm512_mask_storeu_ps(static_cast<float*>(xg) + dst, jm, r[p]);
+          } else {
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(xg) + dst, jm,
+                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r[p]), 16)));
+          }
+        }
+      }
+    }
+    for (int64_t p = 0; p < HW; ++p)
+      for (int64_t j = ki; j < kip; ++j) store_elem(xg, p * kip + j, ct2, 0.0f);
+    return;
+  }
+#endif
+  // Any strides: element by element.
+  for (int64_t h = 0; h < s.H; ++h) {
+    for (int64_t w = 0; w < s.W; ++w) {
+      const int64_t row = (h * s.W + w) * kip;
+      const int64_t base = h * sH + w * sW;
+      if (ct == xt) {
+        const int64_t es = elem_bytes(xt);
+        for (int64_t j = 0; j < ki; ++j)
+          std::memcpy(static_cast<char*>(xg) + (row + j) * es, static_cast<const char*>(x) + (base + cidx[j] * sC) * es,
+                      es);
+      } else {
+        for (int64_t j = 0; j < ki; ++j) store_elem(xg, row + j, ct, load_elem(x, base + cidx[j] * sC, xt));
+      }
+      for (int64_t j = ki; j < kip; ++j) store_elem(xg, row + j, ct, 0.0f);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- gather_weight
+
+template <Elem CT>
+void gather_weight_t(const void* wt, const ConvShape& s, const int32_t* cidx, int64_t ki, int64_t t0, int64_t t1,
+                     int64_t j0, int64_t j1, const KeptFilters& kf, int64_t c0, int64_t c1, int64_t ldb, void* bout) {
+  // The 16-filter words that hold kept filters [c0, c1), with the bits of
+  // kept filters outside the range cleared in the first and last word.
+  const int64_t of = kf.idx[c0], ol = kf.idx[c1 - 1];
+  const int64_t i0 = of / 16, i1 = ol / 16;
+  const uint16_t first = static_cast<uint16_t>(0xffffu << (of % 16));
+  const uint16_t lastm = static_cast<uint16_t>(0xffffu >> (15 - ol % 16));
+  const int64_t step = CT == Elem::f32 ? 1 : 2;
+  int64_t row = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t j = j0; j < j1; j += step, ++row) {
+      if (CT == Elem::f32) {
+        float* dst = static_cast<float*>(bout) + row * ldb;
+        if (j >= ki) {
+          std::memset(dst, 0, sizeof(float) * ldb);
+          continue;
+        }
+        const float* src = static_cast<const float*>(wt) + (t * s.C + cidx[j]) * s.Op;
+#if ENGINE_ISA >= 2
+        // One load, one compress and one full-width store per 16 filters:
+        // the store's lanes past the kept ones (zeros) land where the next
+        // word's store, or the next row, writes afterwards.
+        for (int64_t i = i0; i <= i1; ++i) {
+          uint16_t keep = kf.bits[i];
+          if (i == i0) keep &= first;
+          if (i == i1) keep &= lastm;
+          if (!keep) continue;
+          const int64_t off = i == i0 ? 0 : kf.offs[i] - c0;
+          _mm512_storeu_ps(dst + off, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(src + 16 * i)));
+        }
+#else
+        for (int64_t m = c0; m < c1; ++m) dst[m - c0] = src[kf.idx[m]];
+#endif
+      } else {
+        // VNNI pairs: rows (t, j) and (t, j + 1) interleaved per filter.
+        uint32_t* dst = static_cast<uint32_t*>(bout) + row * ldb;
+        if (j >= ki) {
+          std::memset(dst, 0, sizeof(uint32_t) * ldb);
+          continue;
+        }
+        const uint16_t* ra = static_cast<const uint16_t*>(wt) + (t * s.C + cidx[j]) * s.Op;
+        const uint16_t* rb = j + 1 < ki ? static_cast<const uint16_t*>(wt) + (t * s.C + cidx[j + 1]) * s.Op : nullptr;
+#if ENGINE_ISA >= 2
+        for (int64_t i = i0; i <= i1; ++i) {
+          uint16_t keep = kf.bits[i];
+          if (i == i0) keep &= first;
+          if (i == i1) keep &= lastm;
+          if (!keep) continue;
+          const int64_t off = i == i0 ? 0 : kf.offs[i] - c0;
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra + 16 * i)));
+          const __m512i hi =
+              rb ? _mm512_slli_epi32(
+                       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 16 * i))), 16)
+                 : _mm512_setzero_si512();
+          _mm512_storeu_si512(dst + off, _mm512_maskz_compress_epi32(keep, _mm512_or_si512(lo, hi)));
+        }
+#else
+        for (int64_t m = c0; m < c1; ++m) {
+          const uint32_t lo = ra[kf.idx[m]], hi = rb ? rb[kf.idx[m]] : 0u;
+          dst[m - c0] = lo | (hi << 16);
+        }
+#endif
+      }
+    }
+  }
+  (void)i0;
+  (void)i1;
+  (void)first;
+  (void)lastm;
+}
+
+void gather_weight_f32(const void* wt, const ConvShape& s, const int32_t* cidx, int64_t ki, int64_t t0, int64_t t1,
+                       int64_t j0, int64_t j1, const KeptFilters& kf, int64_t c0, int64_t c1, int64_t ldb, void* b) {
+  gather_weight_t<Elem::f32>(wt, s, cidx, ki, t0, t1, j0, j1, kf, c0, c1, ldb, b);
+}
+
+[[maybe_unused]] void gather_weight_bf16(const void* wt, const ConvShape& s, const int32_t* cidx, int64_t ki, int64_t t0, int64_t t1,
+                        int64_t j0, int64_t j1, const KeptFilters& kf, int64_t c0, int64_t c1, int64_t ldb, void* b) {
+  gather_weight_t<Elem::bf16>(wt, s, cidx, ki, t0, t1, j0, j1, kf, c0, c1, ldb, b);
+}
+
+// ----------------------------------------------------------------------------- float32 GEMM micro-kernels
+
+#if ENGINE_ISA >= 2
+// MR rows x NR vectors of 16 filters; A broadcast per row, B loaded per vector.
+template <int MR, int NR>
+void tile_f32(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool acc_c) {
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NR; ++v) acc[r][v] = acc_c ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NR];
+    for (int v = 0; v < NR; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      for (int v = 0; v < NR; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NR; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+constexpr int kVec = 16;
+#elif ENGINE_ISA >= 1
+template <int MR, int NR>
+void tile_f32(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool acc_c) {
+  __m256 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NR; ++v) acc[r][v] = acc_c ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 bv[NR];
+    for (int v = 0; v < NR; ++v) bv[v] = _mm256_loadu_ps(b + k * ldb + 8 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      for (int v = 0; v < NR; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NR; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
+}
+constexpr int kVec = 8;
+#else
+template <int MR, int NR>
+void tile_f32(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool acc_c) {
+  constexpr int NW = NR * 8;
+  float acc[MR][NW] = {};
+  if (acc_c)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NW; ++v) acc[r][v] = c[r * ldc + v];
+  for (int64_t k = 0; k < K; ++k) {
+    for (int r = 0; r < MR; ++r) {
+      const float av = a[r * lda + k];
+      for (int v = 0; v < NW; ++v) acc[r][v] += av * b[k * ldb + v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NW; ++v) c[r * ldc + v] = acc[r][v];
+}
+constexpr int kVec = 8;
+#endif
+
+// Register tiles: NR vectors of filters by MR positions, MR * NR accumulators
+// (AVX-512: 24 of 32 zmm for 6 x 4, AVX2: 12 of 16 ymm for 6 x 2).
+#if ENGINE_ISA >= 2
+constexpr int kNR = 4;
+#else
+constexpr int kNR = 2;
+#endif
+constexpr int kMR = 6;
+
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+
+template <int NR>
+TileFn pick_mr(int mr) {
+  switch (mr) {
+    case 1: return &tile_f32<1, NR>;
+    case 2: return &tile_f32<2, NR>;
+    case 3: return &tile_f32<3, NR>;
+    case 4: return &tile_f32<4, NR>;
+    case 5: return &tile_f32<5, NR>;
+    default: return &tile_f32<6, NR>;
+  }
+}
+
+TileFn pick_tile(int mr, int nr) {
+  switch (nr) {
+    case 1: return pick_mr<1>(mr);
+#if ENGINE_ISA >= 2
+    case 2: return pick_mr<2>(mr);
+    case 3: return pick_mr<3>(mr);
+    default: return pick_mr<4>(mr);
+#else
+    default: return pick_mr<2>(mr);
+#endif
+  }
+}
+
+// C = A * B, K split in L1-sized slices is not needed: a B panel of NR
+// vectors streams from L2 at NR loads per MR * NR FMAs.
+void gemm_f32(int64_t M, int64_t N, int64_t K, const void* av, int64_t lda, const void* bv, int64_t ldb, float* c,
+              int64_t ldc, bool accumulate) {
+  const float* a = static_cast<const float*>(av);
+  const float* b = static_cast<const float*>(bv);
+  for (int64_t n0 = 0; n0 < N; n0 += kNR * kVec) {
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, (N - n0) / kVec));
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+      pick_tile(mr, nr)(K, a + m0 * lda, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- epilogue
+
+void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilters& kf, int64_t c0, int64_t c1,
+              bool write_zeros, const ConvShape& s, const float* bias, bool relu, void* out, Elem ot, bool nhwc) {
+  const int64_t es = elem_bytes(ot);
+  if (nhwc) {
+#if ENGINE_ISA >= 2
+    if (write_zeros) {
+      // Each output row at once: the kept values expanded into their lanes,
+      // zeros in the others, bias only where kept.
+      const int64_t nchunk = (s.O + 15) / 16;
+      for (int64_t r = 0; r < M; ++r) {
+        char* row = static_cast<char*>(out) + (p0 + r) * s.O * es;
+        const float* cr = c + r * ldc;
+        int64_t off = 0;
+        for (int64_t i = 0; i < nchunk; ++i) {
+          const __mmask16 keep = kf.bits[i];
+          const __mmask16 lanes = tail_mask(s.O - 16 * i);
+          __m512 v = _mm512_maskz_expandloadu_ps(keep, cr + off);
+          if (bias) v = _mm512_maskz_add_ps(keep, v, _mm512_maskz_loadu_ps(lanes, bias + 16 * i));
+          if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+          store16(row + 16 * i * es, ot, v, lanes);
+          off += __builtin_popcount(keep);
+        }
+      }
+      return;
+    }
+#endif
+    for (int64_t r = 0; r < M; ++r) {
+      char* row = static_cast<char*>(out) + (p0 + r) * s.O * es;
+      if (write_zeros) std::memset(row, 0, s.O * es);
+      const float* cr = c + r * ldc - c0;
+      for (int64_t m = c0; m < c1; ++m) {
+        const int64_t o = kf.idx[m];
+        float v = cr[m] + (bias ? bias[o] : 0.0f);
+        if (relu) v = std::max(v, 0.0f);
+        store_elem(row, o, ot, v);
+      }
+    }
+    return;
+  }
+  // NCHW: each filter's plane gets M contiguous positions.
+  if (write_zeros) {
+    int64_t m = 0;
+    for (int64_t o = 0; o < s.O; ++o) {
+      if (m < kf.ko && kf.idx[m] == o) {
+        ++m;
+        continue;
+      }
+      std::memset(static_cast<char*>(out) + (o * s.P + p0) * es, 0, M * es);
+    }
+  }
+#if ENGINE_ISA >= 2
+  // 16 positions x 16 kept filters, transposed in registers.
+  for (int64_t m0 = c0; m0 < c1; m0 += 16) {
+    const int64_t nm = std::min<int64_t>(16, c1 - m0);
+    __m512 bvec = _mm512_setzero_ps();
+    if (bias) {
+      alignas(64) float bb[16] = {};
+      for (int64_t i = 0; i < nm; ++i) bb[i] = bias[kf.idx[m0 + i]];
+      bvec = _mm512_load_ps(bb);
+    }
+    for (int64_t r0 = 0; r0 < M; r0 += 16) {
+      const int64_t nr = std::min<int64_t>(16, M - r0);
+      __m512 t[16];
+      for (int64_t r = 0; r < 16; ++r) {
+        t[r] = r < nr ? _mm512_add_ps(_mm512_maskz_loadu_ps(tail_mask(nm), c + (r0 + r) * ldc + (m0 - c0)), bvec)
+                      : _mm512_setzero_ps();
+        if (relu) t[r] = _mm512_max_ps(t[r], _mm512_setzero_ps());
+      }
+      transpose16(t);
+      const __mmask16 rm = tail_mask(nr);
+      for (int64_t i = 0; i < nm; ++i) {
+        const int64_t o = kf.idx[m0 + i];
+        store16(static_cast<char*>(out) + (o * s.P + p0 + r0) * es, ot, t[i], rm);
+      }
+    }
+  }
+#else
+  for (int64_t m = c0; m < c1; ++m) {
+    const int64_t o = kf.idx[m];
+    const float bo = bias ? bias[o] : 0.0f;
+    void* dst = static_cast<char*>(out) + (o * s.P + p0) * es;
+    for (int64_t r = 0; r < M; ++r) {
+      float v = c[r * ldc + m - c0] + bo;
+      if (relu) v = std::max(v, 0.0f);
+      store_elem(dst, r, ot, v);
+    }
+  }
+#endif
+}
+
+}  // namespace
+}  // namespace ENGINE_NS
+}  // namespace cpu
+}  // namespace pydecouple
+
+namespace pydecouple {
+namespace cpu {
+namespace ENGINE_NS {
+
+// This instruction set's kernels for float32 compute.
+inline const EngineKernels* kernels_f32() {
+  static const EngineKernels k = {ENGINE_NAME, Elem::f32, &gather_input, &gather_weight_f32, &gemm_f32, &epilogue};
+  return &k;
+}
+
+}  // namespace ENGINE_NS
+}  // namespace cpu
+}  // namespace pydecouple
