@@ -278,7 +278,7 @@ def check_backend(backend, arg: str = "backend") -> Optional[str]:
     """``backend`` as the dispatcher takes it: None (``PYDECOUPLE_BACKEND``, else
     automatic), ``'auto'`` or a backend's name; anything else is an error
     naming ``arg``."""
-    if backend is None or backend == AUTO or (isinstance(backend, str) and backend in BACKENDS):
+    if backend is None or (isinstance(backend, str) and (backend == AUTO or backend in BACKENDS)):
         return backend
     raise ValueError(f"gated_conv2d: argument '{arg}' must be None, {AUTO!r} or one of {sorted(BACKENDS)}, "
                      f"got {backend!r}")

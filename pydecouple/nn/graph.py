@@ -59,9 +59,6 @@ class Dataflow:
     upstream: Dict[str, Optional[str]] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=dict)
 
-    def conv_of(self) -> Dict[str, str]:
-        return {bn: conv for conv, bn in self.bn_of.items()}
-
 
 class _Tracer(torch.fx.Tracer):
     """Convs, BNs and gates are leaves (their own forwards are what they are,
