@@ -365,29 +365,36 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
               " channels with groups=", groups);
   TORCH_CHECK(weight.size(0) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1,
               "gated_conv2d_cpu: argument 'weight' must be non-empty in Cout, KH and KW, got ", weight.sizes());
-  // Bounds that keep every size computation below inside int64 (F.conv2d
-  // takes larger values, but no input is that large: its output would be 1x1
-  // or empty and is rejected the same way).
-  constexpr int64_t kMaxArg = int64_t{1} << 40;
-  for (auto v : stride)
-    TORCH_CHECK(v >= 1 && v <= kMaxArg, "gated_conv2d_cpu: argument 'stride' must be in [1, 2**40], got ", stride);
-  for (auto v : dilation)
-    TORCH_CHECK(v >= 1 && v <= kMaxArg, "gated_conv2d_cpu: argument 'dilation' must be in [1, 2**40], got ",
-                dilation);
+  for (auto v : stride) TORCH_CHECK(v >= 1, "gated_conv2d_cpu: argument 'stride' must be >= 1, got ", stride);
+  for (auto v : dilation) TORCH_CHECK(v >= 1, "gated_conv2d_cpu: argument 'dilation' must be >= 1, got ", dilation);
+  // Padding is bounded so that padded sizes stay far inside int64.
+  constexpr int64_t kMaxPad = int64_t{1} << 40;
   for (auto v : padding)
-    TORCH_CHECK(v >= 0 && v <= kMaxArg, "gated_conv2d_cpu: argument 'padding' must be in [0, 2**40], got ", padding);
+    TORCH_CHECK(v >= 0 && v <= kMaxPad, "gated_conv2d_cpu: argument 'padding' must be in [0, 2**40], got ", padding);
 
   ConvShape s;
   s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
   s.O = weight.size(0); s.Op = (s.O + 15) / 16 * 16; s.KH = weight.size(2); s.KW = weight.size(3); s.KK = s.KH * s.KW;
-  s.sh = stride[0]; s.sw = stride[1]; s.pt = padding[0]; s.pl = padding[2]; s.dh = dilation[0]; s.dw = dilation[1];
-  const int64_t eh = s.H + padding[0] + padding[1] - s.dh * (s.KH - 1);
-  const int64_t ew = s.W + padding[2] + padding[3] - s.dw * (s.KW - 1);
-  TORCH_CHECK(eh >= 1 && ew >= 1, "gated_conv2d_cpu: argument 'x' of size ", s.H, "x", s.W,
-              " is smaller than the dilated kernel after padding");
+  s.pt = padding[0]; s.pl = padding[2];
+  const int64_t hp = s.H + padding[0] + padding[1], wp = s.W + padding[2] + padding[3];
+  // The dilated kernel must fit, checked without forming dilation * (K - 1)
+  // (dilation may be near 2**63); a dilation is irrelevant where K == 1.
+  TORCH_CHECK((s.KH == 1 || dilation[0] <= (hp - 1) / (s.KH - 1)) && (s.KW == 1 || dilation[1] <= (wp - 1) / (s.KW - 1)),
+              "gated_conv2d_cpu: argument 'x' of size ", s.H, "x", s.W, " (padded ", hp, "x", wp,
+              ") is smaller than the kernel ", s.KH, "x", s.KW, " dilated by ", dilation);
+  s.dh = s.KH == 1 ? 1 : dilation[0];
+  s.dw = s.KW == 1 ? 1 : dilation[1];
+  const int64_t eh = hp - s.dh * (s.KH - 1), ew = wp - s.dw * (s.KW - 1);  // >= 1
+  // A stride past the room left for the kernel gives one output position,
+  // as the stride equal to that room does: clamped, no size computation
+  // below can overflow and no buffer depends on the stride (stride 2**32
+  // once allocated stride**2 entries).
+  s.sh = std::min<int64_t>(stride[0], eh);
+  s.sw = std::min<int64_t>(stride[1], ew);
   s.Ho = (eh - 1) / s.sh + 1;
   s.Wo = (ew - 1) / s.sw + 1;
   s.P = s.Ho * s.Wo;
+  const std::vector<int64_t> stride_c{s.sh, s.sw}, dilation_c{s.dh, s.dw};
 
   at::Tensor bias;
   if (bias_in.has_value()) {
@@ -419,8 +426,8 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
       bias.defined() ? c10::optional<at::Tensor>(widen ? bias.to(at::kFloat) : bias) : c10::nullopt;
   const c10::optional<at::Tensor> om = out_mask.defined() ? c10::optional<at::Tensor>(out_mask) : c10::nullopt;
   const c10::optional<at::Tensor> imk = in_mask.defined() ? c10::optional<at::Tensor>(in_mask) : c10::nullopt;
-  at::Tensor out = gated_conv2d_direct(x32, widen ? weight.to(at::kFloat) : weight, b32, om, imk, stride, padding,
-                                       dilation, groups, relu);
+  at::Tensor out = gated_conv2d_direct(x32, widen ? weight.to(at::kFloat) : weight, b32, om, imk, stride_c, padding,
+                                       dilation_c, groups, relu);
   return widen ? out.to(dt) : out;
 }
 

@@ -114,25 +114,6 @@ Elem compute_type(CpuPath path, Elem xt) {
   }
 }
 
-void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a) {
-  const int64_t row = kip * es;
-  for (int64_t r = 0; r < M; ++r) {
-    const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
-    char* dst = a + r * s.KK * row;
-    for (int64_t kh = 0; kh < s.KH; ++kh) {
-      const int64_t h = ho * s.sh - s.pt + kh * s.dh;
-      for (int64_t kw = 0; kw < s.KW; ++kw, dst += row) {
-        const int64_t w = wo * s.sw - s.pl + kw * s.dw;
-        if (h < 0 || h >= s.H || w < 0 || w >= s.W) {
-          std::memset(dst, 0, row);
-        } else {
-          std::memcpy(dst, xg + (h * s.W + w) * row, row);
-        }
-      }
-    }
-  }
-}
-
 }  // namespace
 
 const char* gemm_path_name() { return path_name(current_path()); }
@@ -288,7 +269,7 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t a_row_bytes = s.KK * max_kip * es;
   auto a_of = [&](int64_t n, int64_t p0, int64_t M, char* buf) -> const char* {
     if (direct_a) return xg.data() + xg_off[n] + p0 * kip[n] * es;
-    im2col(xg.data() + xg_off[n], s, kip[n], es, p0, M, buf);
+    k.im2col(xg.data() + xg_off[n], s, kip[n], es, p0, M, buf);
     return buf;
   };
 

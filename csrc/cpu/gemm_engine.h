@@ -75,6 +75,11 @@ struct EngineKernels {
   void (*gather_input)(const void* x, Elem xt, Elem ct, int64_t sC, int64_t sH, int64_t sW, const ConvShape& s,
                        const int32_t* cidx, const uint16_t* in_bits, int64_t ki, int64_t kip, void* xg);
 
+  // Rows [p0, p0 + M) of A, the im2col of one sample's gathered channels
+  // xg (NHWC rows of kip elements of es bytes): a[r][t * kip + j] =
+  // xg[pos(p0 + r, t)][j], zero where tap t falls in the padding.
+  void (*im2col)(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a);
+
   // A panel of B: rows (t, j) for taps t in [t0, t1) and kept channels j in
   // [j0, j1) (rows j >= ki are zero), in that order, and columns the kept
   // filters [c0, c1) of the sample (c1 > c0). Row length ldb, a multiple of

@@ -219,6 +219,55 @@ void gather_input(const void* x, Elem xt, Elem ct, int64_t sC, int64_t sH, int64
   }
 }
 
+// ----------------------------------------------------------------------------- im2col
+
+// Copies of a few hundred bytes, one per (position, tap): a call of memcpy
+// costs more than the copy itself, so vectors are moved inline.
+inline void copy_row(char* dst, const char* src, int64_t bytes) {
+#if ENGINE_ISA >= 2
+  int64_t i = 0;
+  for (; i + 64 <= bytes; i += 64) _mm512_storeu_si512(dst + i, _mm512_loadu_si512(src + i));
+  if (i < bytes) {
+    const __mmask64 m = bytes - i >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (bytes - i)) - 1);
+    _mm512_mask_storeu_epi8(dst + i, m, _mm512_maskz_loadu_epi8(m, src + i));
+  }
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+inline void zero_row(char* dst, int64_t bytes) {
+#if ENGINE_ISA >= 2
+  int64_t i = 0;
+  for (; i + 64 <= bytes; i += 64) _mm512_storeu_si512(dst + i, _mm512_setzero_si512());
+  if (i < bytes) {
+    const __mmask64 m = (__mmask64{1} << (bytes - i)) - 1;
+    _mm512_mask_storeu_epi8(dst + i, m, _mm512_setzero_si512());
+  }
+#else
+  std::memset(dst, 0, bytes);
+#endif
+}
+
+void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a) {
+  const int64_t row = kip * es;
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
+    char* dst = a + r * s.KK * row;
+    for (int64_t kh = 0; kh < s.KH; ++kh) {
+      const int64_t h = ho * s.sh - s.pt + kh * s.dh;
+      for (int64_t kw = 0; kw < s.KW; ++kw, dst += row) {
+        const int64_t w = wo * s.sw - s.pl + kw * s.dw;
+        if (h < 0 || h >= s.H || w < 0 || w >= s.W) {
+          zero_row(dst, row);
+        } else {
+          copy_row(dst, xg + (h * s.W + w) * row, row);
+        }
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- gather_weight
 
 template <Elem CT>
@@ -517,7 +566,8 @@ namespace ENGINE_NS {
 
 // This instruction set's kernels for float32 compute.
 inline const EngineKernels* kernels_f32() {
-  static const EngineKernels k = {ENGINE_NAME, Elem::f32, &gather_input, &gather_weight_f32, &gemm_f32, &epilogue};
+  static const EngineKernels k = {ENGINE_NAME, Elem::f32, &gather_input, &im2col, &gather_weight_f32, &gemm_f32,
+                                  &epilogue};
   return &k;
 }
 
