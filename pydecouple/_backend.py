@@ -68,6 +68,24 @@ def extension_available() -> bool:
     return _load_extension() is None
 
 
+def autocast_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """What autocast does to F.conv2d's arguments: floating-point tensors other
+    than float64 in the autocast dtype of x's device, so that a kernel sees one
+    dtype (gated_conv2d is not on autocast's lists, so it does this itself).
+    Unchanged where autocast is off for x's device."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype):
+            return t.to(dtype)
+        return t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 def capturing() -> bool:
     """Whether a graph is being captured (torch.compile, torch.export,
     torch.jit.trace): no decision may then read a tensor's values, since the
@@ -116,19 +134,16 @@ def _why_not_cpu(x):
     if x.device.type != "cpu":
         return f"it runs on CPU tensors, and x is on {x.device}"
     if x.dtype not in CPU_DTYPES:
-        return f"it computes in float32 (float16/bfloat16 through float32), not {x.dtype}"
+        return f"it takes float32, bfloat16 or float16, not {x.dtype}"
     return None
 
 
 def _run_cpu(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
-    dtype = x.dtype
-    if dtype != torch.float32:
-        # bfloat16/float16: gather and accumulate in float32, round once at the end.
-        x, weight = x.float(), weight.float()
-        bias = bias.float() if bias is not None else None
-    out = torch.ops.pydecouple.gated_conv2d_cpu(x, weight, bias, out_mask, in_mask, stride, padding, dilation,
-                                                groups, relu)
-    return out.to(dtype) if dtype != torch.float32 else out
+    # float32, bfloat16 and float16 go in as they are: the kernel keeps
+    # bfloat16 where the CPU has a bfloat16 dot product (float32
+    # accumulation, one rounding), widens the rest, and returns x's dtype.
+    return torch.ops.pydecouple.gated_conv2d_cpu(x, weight, bias, out_mask, in_mask, stride, padding, dilation,
+                                                 groups, relu)
 
 
 _triton_import: Dict[str, Optional[str]] = {}
@@ -342,11 +357,16 @@ def run(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, r
     """``out_mask * act(conv(x * in_mask) + bias)`` by the backend :func:`choose` picks.
 
     Arguments as the registered op takes them (batched ``x``, pairs, four-sided
-    ``padding``), already checked. ``x_masked``: the caller guarantees that
+    ``padding``), already checked; under autocast they are cast as F.conv2d's
+    would be (:func:`autocast_args`). ``x_masked``: the caller guarantees that
     the channels ``in_mask`` turns off are already zero in ``x`` (the
     accelerated modules: the producer's output is masked), so ``in_mask`` only
     saves work and the dense route need not apply it.
     """
+    if torch._C._is_any_autocast_enabled():
+        # The accelerated modules' folded weights are float32; under autocast the
+        # input arrives in its dtype from the previous layer (the op casts before its checks).
+        x, weight, bias = autocast_args(x, weight, bias)
     name = choose(x, weight, out_mask, in_mask, groups, backend=backend, kept=kept)
     if x_masked and name == "dense":
         in_mask = None

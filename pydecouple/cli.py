@@ -22,6 +22,7 @@ COMMANDS = {
     "analyze": "path-level interpretation of a decoupled checkpoint: PNGs and a report",
     "detect": "adversarial detection from paths (FGSM, PGD): ROC-AUC and a report",
     "demo": "the whole story on an embedded data set, in minutes",
+    "info": "the CPU, the kernel's instruction-set path and the versions",
 }
 
 TRACEBACK_ENV = "PYDECOUPLE_TRACEBACK"

@@ -9,11 +9,23 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 import pydecouple
+import pydecouple.isa
 from pydecouple import gated_conv2d
 from pydecouple._validate import normalize_conv_args
 from tolerances import assert_matches_reference
 
 CPU_BACKENDS = ["cpu", "reference", "dense"]
+
+# The CPU kernel's instruction-set paths (pydecouple/isa.py): every path this
+# machine has runs the whole grid in float32 and bfloat16; the others skip
+# with the reason (so the summary says which paths were covered).
+_PATH_INFO = pydecouple.isa.cpu_info()["paths"]
+CPU_KERNEL_VARIANTS = [
+    pytest.param(path, dtype, id=f"cpu-{path}-{str(dtype)[6:]}",
+                 marks=pytest.mark.skipif(_PATH_INFO.get(path) is not None,
+                                          reason=f"CPU path {path}: {_PATH_INFO.get(path)}"))
+    for path in pydecouple.isa.PATHS for dtype in (torch.float32, torch.bfloat16)
+]
 
 
 def random_mask(kind: str, n: int, c: int) -> torch.Tensor:
@@ -57,6 +69,8 @@ CONV_CASES = [
     (5, 3, 1, 2, 1, "valid", 1),
 ]
 SPATIAL = [(1, 1), (5, 5), (31, 31), (5, 8)]
+# Batch 1 and 3 take the kernel's one-sample-at-a-time schedule, 5 its
+# groups-of-samples schedule (at 2 threads).
 
 
 def _fits(h, w, kernel, stride, padding, dilation):
@@ -70,20 +84,39 @@ def _fits(h, w, kernel, stride, padding, dilation):
 
 GRID = [
     (case, hw, n)
-    for case, hw, n in itertools.product(CONV_CASES, SPATIAL, (1, 3))
+    for case, hw, n in itertools.product(CONV_CASES, SPATIAL, (1, 3, 5))
     if _fits(hw[0], hw[1], case[3], case[4], case[5], case[6])
 ]
 
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def _grid_case(case, hw, n, dtype=torch.float32):
+    cin, cout, groups, kernel, stride, padding, dilation = case
+    k = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(n, cin, *hw, dtype=dtype)
+    w = torch.randn(cout, cin // groups, *k, dtype=dtype)
+    b = torch.randn(cout, dtype=dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "dense"])
 @pytest.mark.parametrize("case,hw,n", GRID, ids=lambda v: str(v).replace(" ", ""))
 def test_grid_against_reference(backend, backend_name, case, hw, n):
     backend(backend_name)
+    _check_grid_case(case, hw, n, torch.float32)
+
+
+@pytest.mark.parametrize("path,dtype", CPU_KERNEL_VARIANTS)
+@pytest.mark.parametrize("case,hw,n", GRID, ids=lambda v: str(v).replace(" ", ""))
+def test_cpu_kernel_grid(backend, monkeypatch, path, dtype, case, hw, n):
+    """The compiled CPU kernel on one instruction-set path, in one dtype."""
+    backend("cpu")
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, path)
+    _check_grid_case(case, hw, n, dtype)
+
+
+def _check_grid_case(case, hw, n, dtype):
     cin, cout, groups, kernel, stride, padding, dilation = case
-    k = (kernel, kernel) if isinstance(kernel, int) else kernel
-    x = torch.randn(n, cin, *hw)
-    w = torch.randn(cout, cin // groups, *k)
-    b = torch.randn(cout)
+    x, w, b = _grid_case(case, hw, n, dtype)
     for om_kind, im_kind in [("random", "random"), ("all", "all"), ("none", "random"), ("one", "one"),
                              ("random", "none"), ("first_last", "first_last")]:
         om, im = random_mask(om_kind, n, cout), random_mask(im_kind, n, cin)
@@ -108,8 +141,70 @@ def test_cpu_kernel_realistic_layer(backend, channels_last, relu):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-# The cpu backend computes float16/bfloat16 through float32; float64 is the
-# reference's (test_float64_is_served_by_reference).
+# Shapes that cut the GEMM engine's K dimension into blocks: (C, O, image,
+# kernel) whose packed weights exceed its 256 KiB block budget per tap
+# (channel ranges, with bfloat16 pairs straddling a range) or over all taps
+# (tap ranges); batch 6 runs the groups-of-samples schedule, 1 the other.
+DEEP_CASES = [(272, 288, 4, 3), (160, 200, 3, 3), (64, 130, 6, 3), (300, 70, 5, 1)]
+
+
+@pytest.mark.parametrize("path,dtype", CPU_KERNEL_VARIANTS)
+@pytest.mark.parametrize("cin,cout,hw,k", DEEP_CASES, ids=str)
+@pytest.mark.parametrize("n", [1, 6])
+def test_cpu_kernel_deep_layers(backend, monkeypatch, path, dtype, cin, cout, hw, k, n):
+    backend("cpu")
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, path)
+    x = torch.randn(n, cin, hw, hw, dtype=dtype)
+    w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, dtype=dtype)
+    om = torch.stack([torch.randperm(cout) < torch.randint(1, cout + 1, ()) for _ in range(n)])
+    im = torch.stack([torch.randperm(cin) < torch.randint(1, cin + 1, ()) for _ in range(n)])
+    for channels_last in (False, True):
+        run_and_check(x, w, b, om, im, 1, k // 2, 1, 1, relu=True, channels_last=channels_last)
+
+
+def test_packed_weights_follow_in_place_changes(backend):
+    """The kernel caches packed weights per weight tensor: an in-place change
+    (a new version) must be seen, and a freed weight's cache entry must never
+    serve a new tensor."""
+    backend("cpu")
+    x, w, b = torch.randn(2, 8, 6, 6), torch.randn(12, 8, 3, 3), torch.randn(12)
+    om, im = random_mask("random", 2, 12), random_mask("random", 2, 8)
+    run_and_check(x, w, b, om, im, 1, 1, 1, 1)
+    with torch.no_grad():
+        w.mul_(-2.0)  # same storage, new version
+    run_and_check(x, w, b, om, im, 1, 1, 1, 1)
+    for _ in range(3):  # new tensors, likely at a freed tensor's address
+        w = torch.randn(12, 8, 3, 3)
+        run_and_check(x, w, b, om, im, 1, 1, 1, 1)
+    w2 = w.detach()  # an alias shares storage and version counter: the same entry
+    run_and_check(x, w2, b, om, im, 1, 1, 1, 1)
+
+
+def test_cpu_path_env_errors(backend, monkeypatch):
+    backend("cpu")
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(2, 3, 3, 3)
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, "sse2")
+    with pytest.raises(RuntimeError, match=r"PYDECOUPLE_CPU_ISA must be one of amx, onednn, avx512, avx2, generic; "
+                                           r"got 'sse2'"):
+        gated_conv2d(x, w, None, torch.ones(1, 2, dtype=torch.bool))
+    missing = [p for p, why in _PATH_INFO.items() if why is not None]
+    if missing:
+        monkeypatch.setenv(pydecouple.isa.ENV_VAR, missing[0])
+        with pytest.raises(RuntimeError, match=rf"PYDECOUPLE_CPU_ISA={missing[0]} was requested but cannot run here"):
+            gated_conv2d(x, w, None, torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_info_names_the_path_in_use(monkeypatch):
+    info = pydecouple.isa.cpu_info()
+    assert info["path"] in pydecouple.isa.available_paths()
+    assert info["paths"]["generic"] is None
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, "generic")
+    assert pydecouple.isa.current_path() == "generic"
+
+
+# float16 is widened to float32 on every CPU path (bfloat16 runs the whole
+# grid above); float64 is the reference's (test_float64_is_served_by_reference).
 @pytest.mark.parametrize("backend_name,dtype", [
     ("cpu", torch.bfloat16), ("cpu", torch.float16),
     ("reference", torch.bfloat16), ("reference", torch.float16), ("reference", torch.float64),

@@ -130,9 +130,11 @@ CpuPath current_path() {
     return want;
   }
   static const CpuPath best = [] {
-    // AMX where present (oneDNN's tiles, ~2-3x a zmm dot product); otherwise
-    // pydecouple's own AVX-512 kernels, measured faster than oneDNN's brgemm
-    // on Zen 4 for these shapes (docs/acceleration.md).
+    // AMX where present (oneDNN's tiles, several times a zmm dot product);
+    // otherwise pydecouple's own AVX-512 kernels: on Zen 4 they measured as
+    // fast as oneDNN's brgemm behind the same gathers (within run-to-run
+    // noise, benchmarks/bench_gated_conv.py --paths), without depending on
+    // oneDNN's internal ISA choice.
     for (CpuPath p : {CpuPath::amx, CpuPath::avx512, CpuPath::avx2}) {
       if (path_available(p, nullptr)) return p;
     }
@@ -167,12 +169,13 @@ std::string describe_cpu() {
     const bool ok = path_available(p, &why);
     s << "path." << path_name(p) << "=" << (ok ? "available" : "unavailable: " + why) << "\n";
   }
-  std::string err;
+  std::string now;
   try {
-    s << "path=" << path_name(current_path()) << "\n";
+    now = path_name(current_path());
   } catch (const c10::Error& e) {
-    s << "path=error: " << e.what_without_backtrace() << "\n";
+    now = std::string("error: ") + e.what_without_backtrace();
   }
+  s << "path=" << now << "\n";
   return s.str();
 }
 
