@@ -193,7 +193,7 @@ def gated_conv2d(
     """
     backend = _backend.check_backend(backend)
     if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):
-        x, weight, bias = _autocast(x, weight, bias)
+        x, weight, bias = _backend.autocast_args(x, weight, bias)  # before the checks: they then see one dtype
     a = normalize_conv_args(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu)
     if _needs_registered_op(a.x, weight, bias):
         out = _gated_conv2d_op(
@@ -207,23 +207,6 @@ def gated_conv2d(
             a.x, weight, bias, a.out_mask, a.in_mask, a.stride, a.padding, a.dilation, a.groups, bool(relu), backend
         )
     return out.squeeze(0) if a.unbatched else out
-
-
-def _autocast(x, weight, bias):
-    """What autocast does to F.conv2d's arguments: floating-point tensors other
-    than float64 in the autocast dtype of x's device (the op is not on
-    autocast's lists, so it does it itself; the checks then see one dtype)."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype):
-            return t.to(dtype)
-        return t
-
-    return cast(x), cast(weight), cast(bias)
 
 
 def _needs_registered_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

@@ -289,6 +289,33 @@ def test_case4_decoupled_eval_follows_autocast(arch):
     torch.testing.assert_close(fast.float(), want.float(), rtol=0.05, atol=0.05 * scale)
 
 
+def test_case4_backends_see_one_dtype_under_autocast(monkeypatch):
+    """An accelerated model under autocast casts its folded weights as F.conv2d
+    would: every backend gets x, weight and bias in one dtype (a kernel that
+    takes bfloat16 natively must not see float32 weights), the first gated
+    layer included."""
+    from pydecouple import _backend
+
+    dense = build("small_vgg").eval()
+    randomize_bn(dense)
+    dec = decouple(dense, gate_first=True).eval()
+    seen = []
+    for name in ("cpu", "dense"):
+        real = _backend.BACKENDS[name].run
+
+        def spy(x, w, b, *rest, real=real):
+            seen.append({x.dtype, w.dtype} | ({b.dtype} if b is not None else set()))
+            return real(x, w, b, *rest)
+
+        monkeypatch.setattr(_backend.BACKENDS[name], "run", spy)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = accelerate(dec)(x)
+        want = dense(x)
+    assert len(seen) == 6 and all(s == {torch.bfloat16} for s in seen), seen
+    assert out.dtype == want.dtype
+
+
 def test_case4_op_follows_autocast_like_conv2d():
     x, w, b = torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3), torch.randn(8)
     om = torch.rand(2, 8) < 0.5
