@@ -57,6 +57,13 @@ struct KeptFilters {
   const int32_t* idx;    // the ko kept filters, increasing
   const uint16_t* bits;  // the out-mask over all O filters, 16 per word
   const int32_t* offs;   // per word: kept filters before it (prefix popcount)
+  const int32_t* perm;   // per word, 16 lane indices: its kept lanes first, in order (a vpermps index)
+  // Per word, for a gather that streams whole rows into full, aligned
+  // vectors: `merge` (a two-source vpermt2ps index) appends the word's kept
+  // lanes to the offs % 16 lanes already pending; `rest` (a vpermps index)
+  // keeps the word's lanes left over once 16 were complete.
+  const int32_t* merge;
+  const int32_t* rest;
   int64_t ko;            // kept filters
   int64_t kop;           // ko rounded up to 16: the row length of B and C
 };
