@@ -1,19 +1,28 @@
-"""gated_conv2d on the CPU against PyTorch's dense convolution (oneDNN).
+"""gated_conv2d on the CPU against the dense convolution a user would run.
 
-For every layer, batch and kept fraction f (= f_in = f_out, a fixed count of
-channels per sample at random positions) it reports, measured in this one
-process, interleaved, medians over repeats:
+The baseline of every speedup is PyTorch's dense ``F.conv2d`` (oneDNN) in the
+same dtype, timed on NCHW *and* channels_last input, taking the faster: a
+user after speed picks the best layout, and in bfloat16 that is often
+channels_last. For every layer, batch, dtype and kept fraction f (= f_in =
+f_out: a fixed count of channels per sample, at random positions) it times,
+in this one process, interleaved, medians over repeats:
 
-- dense:  F.conv2d followed by the out-mask (what gating codebases do)
-- gated:  pydecouple.gated_conv2d, automatic dispatch (may choose dense)
-- kernel: the C++ kernel forced (torch.ops.pydecouple.gated_conv2d_cpu)
-- cut:    F.conv2d on a problem already cut to the kept channel counts: the
-          practical limit of skipping
+- dense:  F.conv2d (+ the out-mask), NCHW and channels_last; the faster is the baseline
+- gated:  pydecouple.gated_conv2d, automatic dispatch (may choose dense), its faster layout
+- kernel: the same op with the CPU kernel pinned (``backend="cpu"``), its faster layout
+- cut:    dense conv on the problem already cut to the kept channel counts
+          (the practical limit of skipping), its faster layout
 - ideal:  1 / (f_in * f_out)
 
-Writes benchmarks/results/cpu_kernel.csv and .md (machine, threads and
-versions on top). `--device cuda` runs the GPU benchmark instead
-(benchmarks/bench_gated_conv_cuda.py).
+and reports the kernel's useful GFLOP/s (2 * N * ki * ko * KH * KW * Ho * Wo
+per second) and its fraction of the machine's peak in that dtype, measured
+with a register-only multiply-add loop on every thread
+(``torch.ops.pydecouple.cpu_peak_gflops``: 12 independent FMA chains of
+AVX-512 / AVX2, or vdpbf16ps for bfloat16; AMX is not measured).
+
+Writes benchmarks/results/<name>.csv and .md (machine, ISA path, threads and
+versions on top). ``--layers heldout`` times shapes no threshold was tuned on.
+``--device cuda`` runs the GPU benchmark instead (bench_gated_conv_cuda.py).
 """
 
 from __future__ import annotations
@@ -24,38 +33,112 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import pydecouple
-from pydecouple.benchmarking import bench_layer, machine_description, machine_header, markdown_table, write_csv
+import pydecouple.isa
+from pydecouple.benchmarking import fixed_count_mask, machine_description, machine_header, markdown_table, \
+    median_times, write_csv
+from pydecouple.reference import gated_conv2d_reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESNET_IMAGENET, VGG16_CIFAR  # noqa: E402  (the layer sets, shared with the CUDA benchmark)
+from common import HELDOUT, RESNET_IMAGENET, VGG16_CIFAR  # noqa: E402  (the layer sets, shared with the CUDA benchmark)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def summarize(rows, layers):
-    names = {lay[0] for lay in layers}
+def measure_peak(dtype: torch.dtype) -> float:
+    """GFLOP/s of the register-only multiply-add loop on every thread (0: not measurable here)."""
+    kind = "bf16" if dtype == torch.bfloat16 else "f32"
+    return float(torch.ops.pydecouple.cpu_peak_gflops(kind, 400))
+
+
+def bench_case(name, cin, cout, h, k, batch, f, dtype, repeats, gen, peak):
+    pad = k // 2
+    x = torch.randn(batch, cin, h, h, generator=gen).to(dtype)
+    w = (torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, generator=gen).to(dtype)
+    om, im = fixed_count_mask(batch, cout, f, gen), fixed_count_mask(batch, cin, f, gen)
+    ki, ko = int(im[0].sum()), int(om[0].sum())
+    x_cut = torch.randn(batch, ki, h, h, generator=gen).to(dtype)
+    w_cut = torch.randn(ko, ki, k, k, generator=gen).to(dtype)
+    cl = torch.channels_last
+    xc, wc, xcc, wcc = x.to(memory_format=cl), w.to(memory_format=cl), x_cut.to(memory_format=cl), \
+        w_cut.to(memory_format=cl)
+    omf = om[:, :, None, None].to(dtype)
+
+    # A benchmark of a wrong result is worthless: check the pinned kernel first.
+    ref = gated_conv2d_reference(x.double(), w.double(), b.double(), om, im, (1, 1), (pad,) * 4, (1, 1), 1)
+    for xin in (x, xc):
+        got = pydecouple.gated_conv2d(xin, w, b, om, im, padding=pad, backend="cpu").double()
+        tol = 1e-3 if dtype == torch.float32 else 0.1 * float(ref.abs().max()) / 8
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol if dtype == torch.float32 else 0.02)
+
+    fns = {
+        "dense_nchw": lambda: F.conv2d(x, w, b, padding=pad) * omf,
+        "dense_cl": lambda: F.conv2d(xc, wc, b, padding=pad) * omf,
+        "gated_nchw": lambda: pydecouple.gated_conv2d(x, w, b, om, im, padding=pad),
+        "gated_cl": lambda: pydecouple.gated_conv2d(xc, w, b, om, im, padding=pad),
+        "kernel_nchw": lambda: pydecouple.gated_conv2d(x, w, b, om, im, padding=pad, backend="cpu"),
+        "kernel_cl": lambda: pydecouple.gated_conv2d(xc, w, b, om, im, padding=pad, backend="cpu"),
+        "cut_nchw": lambda: F.conv2d(x_cut, w_cut, padding=pad),
+        "cut_cl": lambda: F.conv2d(xcc, wcc, padding=pad),
+    }
+    with torch.no_grad():
+        t = dict(zip(fns, median_times(list(fns.values()), repeats=repeats, min_time=0.02)))
+
+    def best(prefix):
+        a, c = t[prefix + "_nchw"], t[prefix + "_cl"]
+        return (a, "nchw") if a <= c else (c, "cl")
+
+    dense, dense_layout = best("dense")
+    gated, gated_layout = best("gated")
+    kernel, kernel_layout = best("kernel")
+    cut, _ = best("cut")
+    useful = 2.0 * batch * ki * ko * k * k * h * h
+    return {
+        "layer": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "f": f, "kept_in": ki,
+        "kept_out": ko, "dense_ms": dense * 1e3, "dense_layout": dense_layout,
+        "dense_nchw_ms": t["dense_nchw"] * 1e3, "dense_cl_ms": t["dense_cl"] * 1e3,
+        "gated_ms": gated * 1e3, "gated_layout": gated_layout, "kernel_ms": kernel * 1e3,
+        "kernel_layout": kernel_layout, "cut_ms": cut * 1e3,
+        "speedup": dense / gated, "kernel_speedup": dense / kernel, "ideal": (cin * cout) / (ki * ko),
+        "cut_limit": dense / cut, "backend": pydecouple._backend.choose(x, w, om, im, 1),
+        "dense_gflops": 2.0 * batch * cin * cout * k * k * h * h / dense / 1e9,
+        "kernel_gflops": useful / kernel / 1e9,
+        "kernel_peak_frac": (useful / kernel / 1e9) / peak if peak > 0 else float("nan"),
+    }
+
+
+def summarize(rows, names):
     out = []
-    for batch in sorted({r["batch"] for r in rows}):
-        for f in sorted({r["f"] for r in rows}, reverse=True):
-            sel = [r for r in rows if r["batch"] == batch and r["f"] == f and r["layer"] in names]
-            if not sel:
-                continue
-            sp = [r["speedup"] for r in sel]
-            out.append({"batch": batch, "f": f, "median_speedup": statistics.median(sp), "worst_speedup": min(sp),
-                        "worst_layer": min(sel, key=lambda r: r["speedup"])["layer"],
-                        "median_kernel_speedup": statistics.median(r["kernel_speedup"] for r in sel),
-                        "median_cut_limit": statistics.median(r["cut_limit"] for r in sel),
-                        "ideal": statistics.median(r["ideal"] for r in sel)})
+    for dtype in DTYPES:
+        for batch in sorted({r["batch"] for r in rows}):
+            for f in sorted({r["f"] for r in rows}, reverse=True):
+                sel = [r for r in rows if r["dtype"] == dtype and r["batch"] == batch and r["f"] == f
+                       and r["layer"] in names]
+                if not sel:
+                    continue
+                worst = min(sel, key=lambda r: r["speedup"])
+                out.append({"dtype": dtype, "batch": batch, "f": f,
+                            "median_speedup": statistics.median(r["speedup"] for r in sel),
+                            "worst_speedup": worst["speedup"], "worst_layer": worst["layer"],
+                            "median_kernel_speedup": statistics.median(r["kernel_speedup"] for r in sel),
+                            "median_kernel_gflops": statistics.median(r["kernel_gflops"] for r in sel),
+                            "median_peak_frac": statistics.median(r["kernel_peak_frac"] for r in sel),
+                            "median_cut_limit": statistics.median(r["cut_limit"] for r in sel),
+                            "ideal": statistics.median(r["ideal"] for r in sel)})
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    p.add_argument("--batches", default="32,1", help="comma-separated batch sizes (default 32,1)")
     p.add_argument("--fractions", default="1.0,0.75,0.5,0.25", help="kept fractions f = f_in = f_out")
-    p.add_argument("--layers", default="all", choices=["all", "vgg", "resnet"])
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    p.add_argument("--layers", default="all", choices=["all", "vgg", "resnet", "heldout"])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -70,25 +153,39 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    layers = {"all": VGG16_CIFAR + RESNET_IMAGENET, "vgg": VGG16_CIFAR, "resnet": RESNET_IMAGENET}[args.layers]
+    sets = {"all": VGG16_CIFAR + RESNET_IMAGENET, "vgg": VGG16_CIFAR, "resnet": RESNET_IMAGENET, "heldout": HELDOUT}
+    layers = sets[args.layers]
     batches = [int(b) for b in args.batches.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    peaks = {dt: measure_peak(dt) for dt in dtypes}
     gen = torch.Generator().manual_seed(0)
     desc = machine_description()
+    info = pydecouple.isa.cpu_info()
+    desc["cpu_kernel_path"] = f"{info['path']} (features: {', '.join(info['features'])})"
+    for dt in dtypes:
+        desc[f"peak_{str(dt)[6:]}"] = (f"{peaks[dt]:.0f} GFLOP/s on {torch.get_num_threads()} threads (register-only "
+                                       "multiply-add loop)" if peaks[dt] > 0 else "not measured on this CPU")
     rows = []
-    jobs = [(lay, b, f) for b in batches for lay in layers for f in fractions]
-    for (name, cin, cout, h, k), batch, f in tqdm(jobs, desc="layers", unit="case"):
-        rows.append(bench_layer(name, cin, cout, h, k, batch, f, args.repeats, gen))
+    jobs = [(lay, b, f, dt) for dt in dtypes for b in batches for lay in layers for f in fractions]
+    for (name, cin, cout, h, k), batch, f, dt in tqdm(jobs, desc="layers", unit="case"):
+        rows.append(bench_case(name, cin, cout, h, k, batch, f, dt, args.repeats, gen, peaks[dt]))
     write_csv(os.path.join(args.out, f"{args.name}.csv"), rows)
-    cols = ["layer", "batch", "f", "dense_ms", "gated_ms", "speedup", "kernel_speedup", "ideal", "cut_limit", "backend"]
-    summary_cols = ["batch", "f", "median_speedup", "worst_speedup", "worst_layer", "median_kernel_speedup",
-                    "median_cut_limit", "ideal"]
-    md = [f"# gated_conv2d on CPU vs dense F.conv2d (oneDNN)\n", machine_header(desc), "",
-          "Command: `" + " ".join(["python benchmarks/bench_gated_conv.py"] + (argv if argv is not None else sys.argv[1:])) + "`",
-          "", "speedup = dense / gated (automatic dispatch); kernel_speedup = dense / C++ kernel forced; "
-          "cut_limit = dense / dense-on-the-cut-problem.", ""]
-    for title, lays in (("VGG-16 3x3 layers, 32x32 CIFAR input", VGG16_CIFAR), ("ResNet-style ImageNet layers", RESNET_IMAGENET)):
-        s = summarize(rows, [lay for lay in lays if lay in layers])
+    cols = ["layer", "dtype", "batch", "f", "dense_ms", "dense_layout", "gated_ms", "speedup", "kernel_speedup",
+            "kernel_gflops", "kernel_peak_frac", "ideal", "cut_limit", "backend"]
+    summary_cols = ["dtype", "batch", "f", "median_speedup", "worst_speedup", "worst_layer", "median_kernel_speedup",
+                    "median_kernel_gflops", "median_peak_frac", "median_cut_limit", "ideal"]
+    cmd = " ".join(["python benchmarks/bench_gated_conv.py"] + (list(argv) if argv is not None else sys.argv[1:]))
+    md = ["# gated_conv2d on CPU vs the best dense F.conv2d (oneDNN) of the same dtype\n", machine_header(desc), "",
+          f"Command: `{cmd}`", "",
+          "Baseline: dense F.conv2d in the same dtype, the faster of NCHW and channels_last input (dense_layout). "
+          "speedup = baseline / gated_conv2d (automatic dispatch, its faster layout); kernel_speedup = baseline / "
+          "the CPU kernel pinned; kernel_gflops = useful GFLOP/s of the pinned kernel; kernel_peak_frac = that over "
+          "the measured peak; cut_limit = baseline / dense conv on the problem cut to the kept counts.", ""]
+    groups = [("VGG-16 3x3 layers, 32x32 CIFAR input", VGG16_CIFAR), ("ResNet-style ImageNet layers", RESNET_IMAGENET),
+              ("Held-out shapes (no threshold tuned on them)", HELDOUT)]
+    for title, lays in groups:
+        s = summarize(rows, {lay[0] for lay in lays if lay in layers})
         if s:
             md += [f"## Summary: {title}", "", markdown_table(s, summary_cols), ""]
     md += ["## Every case", "", markdown_table(rows, cols), ""]

@@ -36,3 +36,15 @@ RESNET_IMAGENET = [
     ("resnet 256 14x14 1x1", 256, 256, 14, 1),
     ("resnet 512 7x7 1x1", 512, 512, 7, 1),
 ]
+# Shapes of neither set, for checking that the dispatcher's thresholds (fitted
+# on the two sets above) carry over: other widths, sizes and a strided conv.
+HELDOUT = [
+    ("held 96-96 24x24", 96, 96, 24, 3),
+    ("held 48-96 40x40", 48, 96, 40, 3),
+    ("held 192-192 12x12", 192, 192, 12, 3),
+    ("held 160-320 10x10", 160, 320, 10, 3),
+    ("held 384-384 6x6", 384, 384, 6, 3),
+    ("held 320-320 3x3", 320, 320, 3, 3),
+    ("held 192-384 14x14 1x1", 192, 384, 14, 1),
+    ("held 768-768 5x5 1x1", 768, 768, 5, 1),
+]
