@@ -53,7 +53,8 @@ else:
     ext = CppExtension("pydecouple._C", cpu_sources, extra_compile_args=cxx_flags, extra_link_args=link_flags)
 
 setup(
-    packages=["pydecouple", "pydecouple.nn", "pydecouple.models", "pydecouple.kernels"],
+    packages=["pydecouple", "pydecouple.accelerate", "pydecouple.commands", "pydecouple.nn", "pydecouple.models",
+              "pydecouple.kernels"],
     package_dir={"pydecouple.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

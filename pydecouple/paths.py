@@ -668,11 +668,6 @@ def stratified_halves(labels: ArrayLike, seed: int = 0) -> tuple[np.ndarray, np.
     return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
 
 
-# The command line formats its one-line summaries with this (pydecouple/commands
-# imports it by this name); the function lives in pydecouple.report.
-_pct = pct
-
-
 def analyze(
     model: nn.Module | None,
     images: ArrayLike | None,

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "gated_conv2d_cpu.h"
 #include "gemm_engine.h"
 #include "microkernel.h"
 
@@ -332,45 +333,32 @@ at::Tensor gated_conv2d_direct(const at::Tensor& x_in, const at::Tensor& weight_
 
 // ----------------------------------------------------------------------------- the entry point
 
-namespace {
-
 const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
 
-}  // namespace
-
-at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                             const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
-                             bool nhwc_out);
-
-at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in,
-                            const c10::optional<at::Tensor>& out_mask_in, const c10::optional<at::Tensor>& in_mask_in,
-                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            bool relu) {
-  // The Python wrapper checks everything with friendlier messages; these guard
-  // direct callers of torch.ops.pydecouple.gated_conv2d_cpu (the accelerated
-  // models call it), before any memory is touched.
-  TORCH_CHECK(x.dim() == 4, "gated_conv2d_cpu: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 4, "gated_conv2d_cpu: argument 'weight' must be 4-D, got ", weight.dim(), "-D");
+ConvShape check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, op, ": argument 'weight' must be 4-D, got ", weight.dim(), "-D");
   const at::ScalarType dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "gated_conv2d_cpu: argument 'x' must be float32, bfloat16 or float16, got ", dtype_name(dt));
-  TORCH_CHECK(weight.scalar_type() == dt, "gated_conv2d_cpu: argument 'weight' must have x's dtype (",
+              op, ": argument 'x' must be float32, bfloat16 or float16, got ", dtype_name(dt));
+  TORCH_CHECK(weight.scalar_type() == dt, op, ": argument 'weight' must have x's dtype (",
               dtype_name(dt), "), got ", dtype_name(weight.scalar_type()));
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "gated_conv2d_cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": tensors must be on the CPU");
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
-              "gated_conv2d_cpu: stride and dilation must have 2 entries and padding 4 (top, bottom, left, right)");
+              op, ": stride and dilation must have 2 entries and padding 4 (top, bottom, left, right)");
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && weight.size(0) % groups == 0 &&
                   weight.size(1) * groups == x.size(1),
-              "gated_conv2d_cpu: argument 'weight' of shape ", weight.sizes(), " does not match x's ", x.size(1),
+              op, ": argument 'weight' of shape ", weight.sizes(), " does not match x's ", x.size(1),
               " channels with groups=", groups);
   TORCH_CHECK(weight.size(0) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1,
-              "gated_conv2d_cpu: argument 'weight' must be non-empty in Cout, KH and KW, got ", weight.sizes());
-  for (auto v : stride) TORCH_CHECK(v >= 1, "gated_conv2d_cpu: argument 'stride' must be >= 1, got ", stride);
-  for (auto v : dilation) TORCH_CHECK(v >= 1, "gated_conv2d_cpu: argument 'dilation' must be >= 1, got ", dilation);
+              op, ": argument 'weight' must be non-empty in Cout, KH and KW, got ", weight.sizes());
+  for (auto v : stride) TORCH_CHECK(v >= 1, op, ": argument 'stride' must be >= 1, got ", stride);
+  for (auto v : dilation) TORCH_CHECK(v >= 1, op, ": argument 'dilation' must be >= 1, got ", dilation);
   // Padding is bounded so that padded sizes stay far inside int64.
   constexpr int64_t kMaxPad = int64_t{1} << 40;
   for (auto v : padding)
-    TORCH_CHECK(v >= 0 && v <= kMaxPad, "gated_conv2d_cpu: argument 'padding' must be in [0, 2**40], got ", padding);
+    TORCH_CHECK(v >= 0 && v <= kMaxPad, op, ": argument 'padding' must be in [0, 2**40], got ", padding);
 
   ConvShape s;
   s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
@@ -380,7 +368,7 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   // The dilated kernel must fit, checked without forming dilation * (K - 1)
   // (dilation may be near 2**63); a dilation is irrelevant where K == 1.
   TORCH_CHECK((s.KH == 1 || dilation[0] <= (hp - 1) / (s.KH - 1)) && (s.KW == 1 || dilation[1] <= (wp - 1) / (s.KW - 1)),
-              "gated_conv2d_cpu: argument 'x' of size ", s.H, "x", s.W, " (padded ", hp, "x", wp,
+              op, ": argument 'x' of size ", s.H, "x", s.W, " (padded ", hp, "x", wp,
               ") is smaller than the kernel ", s.KH, "x", s.KW, " dilated by ", dilation);
   s.dh = s.KH == 1 ? 1 : dilation[0];
   s.dw = s.KW == 1 ? 1 : dilation[1];
@@ -394,6 +382,19 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   s.Ho = (eh - 1) / s.sh + 1;
   s.Wo = (ew - 1) / s.sw + 1;
   s.P = s.Ho * s.Wo;
+  return s;
+}
+
+
+at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in,
+                            const c10::optional<at::Tensor>& out_mask_in, const c10::optional<at::Tensor>& in_mask_in,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            bool relu) {
+  // The Python wrapper checks everything with friendlier messages; these guard
+  // direct callers of torch.ops.pydecouple.gated_conv2d_cpu (the accelerated
+  // models call it), before any memory is touched.
+  const ConvShape s = check_conv("gated_conv2d_cpu", x, weight, stride, padding, dilation, groups);
+  const at::ScalarType dt = x.scalar_type();
   const std::vector<int64_t> stride_c{s.sh, s.sw}, dilation_c{s.dh, s.dw};
 
   at::Tensor bias;
@@ -417,7 +418,7 @@ at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   // channels_last out exactly when x is channels_last-strided and not
   // contiguous (F.conv2d's rule, and the fake's in pydecouple/ops.py).
   const bool nhwc_out = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  if (groups == 1) return gated_conv2d_gemm(x, weight, bias, out_mask, in_mask, s, relu, nhwc_out);
+  if (groups == 1) return gated_conv2d_gemm(x, weight, bias, out_mask, in_mask, s, relu, nhwc_out, at::Tensor(), false);
 
   // Grouped and depthwise: the direct engine, in float32.
   const bool widen = dt != at::kFloat;

@@ -124,7 +124,7 @@ const char* gemm_path_name() { return path_name(current_path()); }
 
 at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
-                             bool nhwc_out) {
+                             bool nhwc_out, const at::Tensor& residual_in, bool residual_relu) {
   const int64_t N = x.size(0);
   const CpuPath path = current_path();
   const Elem xt = elem_of(x.scalar_type());
@@ -146,6 +146,17 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
   const Elem ot = xt;
   char* outp = static_cast<char*>(out.data_ptr());
   const int64_t sample_out_bytes = s.O * s.P * out.element_size();
+  // The residual in the output's layout and dtype (a view where it already is).
+  at::Tensor residual;
+  if (residual_in.defined()) {
+    residual = residual_in.to(out.scalar_type())
+                   .contiguous(nhwc_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
+  const char* resp = residual.defined() ? static_cast<const char*>(residual.const_data_ptr()) : nullptr;
+  auto epi_of = [&](int64_t n) {
+    return Epilogue{bp, relu, resp ? resp + n * sample_out_bytes : nullptr, residual_relu, outp + n * sample_out_bytes,
+                    ot, nhwc_out};
+  };
 
   // Per sample: kept channels (their count rounded up to even for bfloat16's
   // pairs), kept filters, and both masks as 16-bit words.
@@ -326,7 +337,7 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
           const KeptFilters kf = kept_of(n);
           float* cu = cbuf.get() + (u - g0) * mb * max_kop;
           if (!started[u - g0]) std::fill(cu, cu + M * kf.kop, 0.0f);  // no input channel: bias (and ReLU) only
-          k.epilogue(cu, kf.kop, M, p0, kf, 0, kf.ko, true, s, bp, relu, outp + n * sample_out_bytes, ot, nhwc_out);
+          k.epilogue(cu, kf.kop, M, p0, kf, 0, kf.ko, true, s, epi_of(n));
         }
       }
       if (onednn) at::native::cpublas::brgemm_release(bf16);
@@ -339,12 +350,21 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
   // its part through every K block.
   for (int64_t n = 0; n < N; ++n) {
     const KeptFilters kf = kept_of(n);
-    char* out_n = outp + n * sample_out_bytes;
     int64_t ncb = 1;
     if (mblocks < 2 * threads) ncb = std::min<int64_t>(std::max<int64_t>(1, kf.kop / 16), (2 * threads + mblocks - 1) / mblocks);
     const int64_t cbw = std::max<int64_t>(16, (kf.kop / 16 + ncb - 1) / ncb * 16);
     ncb = std::max<int64_t>(1, (kf.kop + cbw - 1) / cbw);
-    if (ncb > 1) std::memset(out_n, 0, sample_out_bytes);  // each range writes only its kept filters
+    if (ncb > 1) {
+      // Each range writes only its kept filters: the others get their value
+      // (0, or relu?(residual)) here.
+      at::Tensor o_n = out.select(0, n);
+      if (residual.defined()) {
+        o_n.copy_(residual.select(0, n));
+        if (residual_relu) o_n.relu_();
+      } else {
+        o_n.zero_();
+      }
+    }
     at::parallel_for(0, mblocks * ncb, 1, [&](int64_t begin, int64_t end) {
       std::vector<char> panel(panel_bytes);
       std::unique_ptr<char[]> abuf(new char[direct_a ? 1 : mb * a_row_bytes + 64]);
@@ -360,7 +380,7 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
                              kblocks.data() + kblocks.size(), false);
         }
         if (!started) std::fill(cbuf.get(), cbuf.get() + M * cbw, 0.0f);
-        k.epilogue(cbuf.get(), cbw, M, p0, kf, f0, std::max(f0, f1), ncb == 1, s, bp, relu, out_n, ot, nhwc_out);
+        k.epilogue(cbuf.get(), cbw, M, p0, kf, f0, std::max(f0, f1), ncb == 1, s, epi_of(n));
       }
       if (onednn) at::native::cpublas::brgemm_release(bf16);
     });

@@ -68,6 +68,17 @@ struct KeptFilters {
   int64_t kop;           // ko rounded up to 16: the row length of B and C
 };
 
+// What the epilogue writes where, for one sample.
+struct Epilogue {
+  const float* bias;     // (O,) float32, or null
+  bool relu;             // ReLU after the bias, before the mask
+  const void* residual;  // the sample's residual, in the output's layout and type, or null
+  bool residual_relu;    // ReLU after adding the residual (a ResNet block's end)
+  void* out;             // the sample's output: NCHW out[o * P + p], NHWC out[p * O + o]
+  Elem ot;
+  bool nhwc;
+};
+
 // The kernels of one instruction set, for one compute element type
 // (float32, or bfloat16 where the ISA has a bfloat16 dot product).
 struct EngineKernels {
@@ -106,12 +117,12 @@ struct EngineKernels {
                int64_t ldc, bool accumulate);
 
   // Output for positions p in [p0, p0 + M) and the kept filters m in
-  // [c0, c1): out(p, kf.idx[m]) = relu?(c[(p - p0) * ldc + m - c0] + bias[o]).
-  // write_zeros: also write 0 for every deselected filter at these positions
-  // (then c0 = 0 and c1 = ko). out points at the sample; NCHW (nhwc false):
-  // out[o * P + p]; NHWC: out[p * O + o].
+  // [c0, c1): v = relu?(c[(p - p0) * ldc + m - c0] + bias[o]) for
+  // o = kf.idx[m], then (with a residual) v = relu?(v + residual(p, o)).
+  // write_deselected: also write every deselected filter at these positions
+  // (0, or relu?(residual)); then c0 = 0 and c1 = ko.
   void (*epilogue)(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilters& kf, int64_t c0, int64_t c1,
-                   bool write_zeros, const ConvShape& s, const float* bias, bool relu, void* out, Elem ot, bool nhwc);
+                   bool write_deselected, const ConvShape& s, const Epilogue& e);
 };
 
 // The bfloat16 GEMM on vdpbf16ps (gemm_engine_avx512bf16.cpp): A [M][K]

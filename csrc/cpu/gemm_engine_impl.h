@@ -531,16 +531,23 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const void* av, int64_t lda, cons
 // ----------------------------------------------------------------------------- epilogue
 
 void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilters& kf, int64_t c0, int64_t c1,
-              bool write_zeros, const ConvShape& s, const float* bias, bool relu, void* out, Elem ot, bool nhwc) {
+              bool write_deselected, const ConvShape& s, const Epilogue& e) {
+  const Elem ot = e.ot;
   const int64_t es = elem_bytes(ot);
-  if (nhwc) {
+  const float* bias = e.bias;
+  const char* res = static_cast<const char*>(e.residual);
+  char* out = static_cast<char*>(e.out);
+  // The value of a deselected filter: 0, or relu?(residual).
+  auto deselected = [&](float r) { return e.residual_relu ? std::max(r, 0.0f) : r; };
+  if (e.nhwc) {
 #if ENGINE_ISA >= 2
-    if (write_zeros) {
+    if (write_deselected) {
       // Each output row at once: the kept values expanded into their lanes,
       // zeros in the others, bias only where kept.
       const int64_t nchunk = (s.O + 15) / 16;
       for (int64_t r = 0; r < M; ++r) {
-        char* row = static_cast<char*>(out) + (p0 + r) * s.O * es;
+        char* row = out + (p0 + r) * s.O * es;
+        const char* rrow = res ? res + (p0 + r) * s.O * es : nullptr;
         const float* cr = c + r * ldc;
         int64_t off = 0;
         for (int64_t i = 0; i < nchunk; ++i) {
@@ -548,7 +555,11 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
           const __mmask16 lanes = tail_mask(s.O - 16 * i);
           __m512 v = _mm512_maskz_expandloadu_ps(keep, cr + off);
           if (bias) v = _mm512_maskz_add_ps(keep, v, _mm512_maskz_loadu_ps(lanes, bias + 16 * i));
-          if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+          if (e.relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+          if (rrow) {
+            v = _mm512_add_ps(v, load16(rrow + 16 * i * es, ot, lanes));
+            if (e.residual_relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+          }
           store16(row + 16 * i * es, ot, v, lanes);
           off += __builtin_popcount(keep);
         }
@@ -557,27 +568,40 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
     }
 #endif
     for (int64_t r = 0; r < M; ++r) {
-      char* row = static_cast<char*>(out) + (p0 + r) * s.O * es;
-      if (write_zeros) std::memset(row, 0, s.O * es);
+      char* row = out + (p0 + r) * s.O * es;
+      const char* rrow = res ? res + (p0 + r) * s.O * es : nullptr;
+      if (write_deselected) {
+        for (int64_t o = 0; o < s.O; ++o) store_elem(row, o, ot, rrow ? deselected(load_elem(rrow, o, ot)) : 0.0f);
+      }
       const float* cr = c + r * ldc - c0;
       for (int64_t m = c0; m < c1; ++m) {
         const int64_t o = kf.idx[m];
         float v = cr[m] + (bias ? bias[o] : 0.0f);
-        if (relu) v = std::max(v, 0.0f);
+        if (e.relu) v = std::max(v, 0.0f);
+        if (rrow) {
+          v += load_elem(rrow, o, ot);
+          if (e.residual_relu) v = std::max(v, 0.0f);
+        }
         store_elem(row, o, ot, v);
       }
     }
     return;
   }
   // NCHW: each filter's plane gets M contiguous positions.
-  if (write_zeros) {
+  if (write_deselected) {
     int64_t m = 0;
     for (int64_t o = 0; o < s.O; ++o) {
       if (m < kf.ko && kf.idx[m] == o) {
         ++m;
         continue;
       }
-      std::memset(static_cast<char*>(out) + (o * s.P + p0) * es, 0, M * es);
+      char* dst = out + (o * s.P + p0) * es;
+      if (res == nullptr) {
+        std::memset(dst, 0, M * es);
+      } else {
+        const char* src = res + (o * s.P + p0) * es;
+        for (int64_t r = 0; r < M; ++r) store_elem(dst, r, ot, deselected(load_elem(src, r, ot)));
+      }
     }
   }
 #if ENGINE_ISA >= 2
@@ -596,24 +620,35 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
       for (int64_t r = 0; r < 16; ++r) {
         t[r] = r < nr ? _mm512_add_ps(_mm512_maskz_loadu_ps(tail_mask(nm), c + (r0 + r) * ldc + (m0 - c0)), bvec)
                       : _mm512_setzero_ps();
-        if (relu) t[r] = _mm512_max_ps(t[r], _mm512_setzero_ps());
+        if (e.relu) t[r] = _mm512_max_ps(t[r], _mm512_setzero_ps());
       }
       transpose16(t);
       const __mmask16 rm = tail_mask(nr);
       for (int64_t i = 0; i < nm; ++i) {
         const int64_t o = kf.idx[m0 + i];
-        store16(static_cast<char*>(out) + (o * s.P + p0 + r0) * es, ot, t[i], rm);
+        const int64_t at = (o * s.P + p0 + r0) * es;
+        __m512 v = t[i];
+        if (res) {
+          v = _mm512_add_ps(v, load16(res + at, ot, rm));
+          if (e.residual_relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+        }
+        store16(out + at, ot, v, rm);
       }
     }
   }
 #else
-  for (int64_t m = c0; m < c1; ++m) {
-    const int64_t o = kf.idx[m];
+  for (int64_t mm = c0; mm < c1; ++mm) {
+    const int64_t o = kf.idx[mm];
     const float bo = bias ? bias[o] : 0.0f;
-    void* dst = static_cast<char*>(out) + (o * s.P + p0) * es;
+    void* dst = out + (o * s.P + p0) * es;
+    const char* src = res ? res + (o * s.P + p0) * es : nullptr;
     for (int64_t r = 0; r < M; ++r) {
-      float v = c[r * ldc + m - c0] + bo;
-      if (relu) v = std::max(v, 0.0f);
+      float v = c[r * ldc + mm - c0] + bo;
+      if (e.relu) v = std::max(v, 0.0f);
+      if (src) {
+        v += load_elem(src, r, ot);
+        if (e.residual_relu) v = std::max(v, 0.0f);
+      }
       store_elem(dst, r, ot, v);
     }
   }

@@ -166,12 +166,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # analyze()'s own checks of what it was given
         log.error("pydecouple analyze: %s", e)
         return EXIT_BAD_INPUT
-    from pydecouple.paths import _pct
+    from pydecouple.report import pct
 
     print(
-        f"network accuracy {_pct(rep['network_accuracy'])}, nearest-template accuracy "
-        f"{_pct(rep['template_accuracy'])} ({_pct(rep['template_accuracy_ratio'], 0)} of the network's), constant gates "
-        f"{_pct(rep['constant_gates']['fraction_constant'], 0)}; top pairs: "
+        f"network accuracy {pct(rep['network_accuracy'])}, nearest-template accuracy "
+        f"{pct(rep['template_accuracy'])} ({pct(rep['template_accuracy_ratio'], 0)} of the network's), constant gates "
+        f"{pct(rep['constant_gates']['fraction_constant'], 0)}; top pairs: "
         + ", ".join(f"{p['a']}-{p['b']}" for p in rep["top_similar_pairs"][:4])
         + f"\nreport: {os.path.join(args.out, 'report.md')}",
         file=sys.stdout,

@@ -90,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("pydecouple detect: %s", e)
         return EXIT_BAD_INPUT
-    from pydecouple.paths import _pct
+    from pydecouple.report import pct
 
     f2 = lambda v: "n/a" if v is None else f"{v:.3f}"
     for a, h in rep["headline"].items():
-        print(f"{a}: success {_pct(h['success_rate'], 0)}, ROC-AUC learned {f2(h['learned_auc'])}, "
+        print(f"{a}: success {pct(h['success_rate'], 0)}, ROC-AUC learned {f2(h['learned_auc'])}, "
               f"learned+logits {f2(h['learned_logits_auc'])}, unsupervised {f2(h['unsupervised_auc'])}, "
               f"max-softmax {f2(h['max_softmax_auc'])}", file=sys.stdout)
     print(f"report: {os.path.join(args.out, 'report.md')}", file=sys.stdout)

@@ -1,0 +1,27 @@
+// What the CPU entry points share: argument checks and the conv geometry, the
+// GEMM engine's driver, the direct engine.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "gemm_engine.h"
+
+namespace pydecouple {
+namespace cpu {
+
+const char* dtype_name(at::ScalarType t);
+
+// Checks x (N, C, H, W; float32/bfloat16/float16, CPU), weight (x's dtype),
+// stride, padding (top, bottom, left, right), dilation and groups, each with
+// a message naming the argument (prefixed by `op`), and returns the geometry
+// (the stride clamped to the room the kernel has: the same output).
+ConvShape check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// The GEMM engine (gemm_conv.cpp), groups == 1; undefined tensors mean none.
+at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
+                             bool nhwc_out, const at::Tensor& residual, bool residual_relu);
+
+}  // namespace cpu
+}  // namespace pydecouple
