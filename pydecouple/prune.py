@@ -576,6 +576,15 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 256
     if not bns:
         _err("model", "a model with BatchNorm layers that track running statistics", type(model).__name__)
     model.eval()
+    # A gated conv in eval runs the sparse op, whose deselected filters come out as zeros
+    # before its BN: statistics taken there would mix those zeros in. Training normalises the
+    # dense conv output and gates after BN, so recalibrate with the dense conv (same outputs
+    # after the gate, the statistics training meant).
+    from .nn.modules import GatedConv2d
+
+    sparse = [(m, m.use_sparse_op) for m in model.modules() if isinstance(m, GatedConv2d)]
+    for m, _ in sparse:
+        m.use_sparse_op = False
     momenta = [b.momentum for b in bns]
     for b in bns:
         b.reset_running_stats()
@@ -596,6 +605,8 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 256
         for b, mom in zip(bns, momenta):
             b.momentum = mom
             b.eval()
+        for m, flag in sparse:
+            m.use_sparse_op = flag
     return model
 
 

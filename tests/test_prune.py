@@ -311,13 +311,23 @@ def test_recalibrate_bn_matches_the_eval_time_statistics():
     torch.testing.assert_close(pruned.features[1].running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert pruned.features[1].momentum == 0.1  # restored
     # a decoupled model: the gates' logit-norm statistics are left alone by default
-    dec = build("tiny_cnn", in_channels=1, decoupled=True, decouple_kwargs=dict(logit_norm=True))
+    # logit norm with threshold 0: about half the gates closed per image
+    dec = build("tiny_cnn", in_channels=1, decoupled=True, decouple_kwargs=dict(logit_norm=True, bias_init=0.0))
     from pydecouple.nn import gate_modules
 
     g = gate_modules(dec)[0][1]
     before = g.norm.running_mean.clone()
-    recalibrate_bn(dec, x, batch_size=32)
+    recalibrate_bn(dec, x, batch_size=96)
     assert torch.equal(g.norm.running_mean, before)
+    # its BN statistics are those of the dense conv output (what training normalises), not of
+    # the sparse op's output, where deselected filters are zeros
+    conv1 = dec.features[3]
+    with torch.no_grad():
+        dec.eval()
+        h = dec.features[2](dec.features[1](dec.features[0](dec.normalize(x))))
+        dense_out = conv1._conv_forward(h, conv1.weight, conv1.bias)
+    torch.testing.assert_close(dec.features[4].running_mean, dense_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert conv1.use_sparse_op
     recalibrate_bn(dec, x, batch_size=32, include_gates=True)
     assert not torch.equal(g.norm.running_mean, before)
     with pytest.raises(ValueError, match="'batch_size'"):
