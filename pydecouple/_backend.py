@@ -99,6 +99,7 @@ def capturing() -> bool:
 # loaded, and a lookup on torch.ops costs microseconds, so it is asked once.
 _KERNEL_ABSENT = {
     "gated_conv2d_cpu": "the extension was built without the CPU kernel",
+    "accel_conv_cpu": "the extension was built without the fused CPU layer",
     "gated_conv2d_cuda": "the extension was built without CUDA (no CUDA build of PyTorch or no matching nvcc at "
                          "build time)",
 }
@@ -253,7 +254,7 @@ def mask_fraction(m: Optional[torch.Tensor]) -> float:
     return kept / m.numel()
 
 
-def gating_threshold(batch: int, hw: int) -> float:
+def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32) -> float:
     """The kept fraction f_in * f_out below which the CPU kernel beats oneDNN's
     dense convolution, from the crossover measured with
     benchmarks/bench_gated_conv.py (README, "CPU kernel"): with all channels
@@ -371,3 +372,56 @@ def run(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, r
     if x_masked and name == "dense":
         in_mask = None
     return BACKENDS[name].run(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu)
+
+
+# ----------------------------------------------------------------------------- accelerated gated layers
+
+_FUSED: Optional[bool] = None  # whether pydecouple::accel_conv_cpu can be called (asked once)
+
+
+def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], gate: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                    stride, padding, dilation, groups: int, relu: bool, residual: Optional[torch.Tensor] = None,
+                    residual_relu: bool = False, *, backend: Optional[str] = None
+                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """An accelerated gated layer in one compiled call, where one can run it:
+    the gate ``mask = W2 relu(W1 mean_hw(x) + b1) + b2 > 0`` (float32), the
+    dense-or-kernel choice of :func:`gating_threshold` made in C++ from the
+    counted masks, the conv with ``mask * relu?(conv + bias)`` and, with a
+    residual, ``relu?(y + residual)``. Returns ``(y, mask)``, or None where
+    the fused layer cannot run (not a CPU float tensor, grouped, a backend
+    pinned that it is not): the caller then runs the gate and :func:`run`.
+
+    ``gate``: (w1, b1, w2, b2) in float32. ``x``'s channels that ``in_mask``
+    turns off must be zero (the producer's output is masked).
+    """
+    global _FUSED
+    if not x.is_cpu or x.dtype not in CPU_DTYPES or groups != 1 or x.dim() != 4:
+        return None
+    if _FUSED is None:
+        _FUSED = _missing("accel_conv_cpu") is None
+    if not _FUSED:
+        return None
+    if backend is None:
+        backend = requested() or AUTO
+    if backend == AUTO:
+        n, _, h, w = x.shape
+        dense_above = gating_threshold(n, h * w, x.dtype)
+    elif backend == "cpu":
+        dense_above = 2.0  # the kernel for every kept fraction
+    elif backend == "dense":
+        dense_above = -1.0  # PyTorch's conv, then the mask
+    else:
+        return None
+    if torch._C._is_any_autocast_enabled():
+        x, weight, bias = autocast_args(x, weight, bias)
+        if residual is not None:
+            residual = residual.to(x.dtype)
+    w1, b1, w2, b2 = gate
+    return _call_fused(x, in_mask, weight, bias, w1, b1, w2, b2, list(stride), list(padding), list(dilation), relu,
+                       residual, residual_relu, dense_above)
+
+
+def _call_fused(*args):
+    """The compiled fused layer (one name to observe it by, as BACKENDS' runs are)."""
+    return torch.ops.pydecouple.accel_conv_cpu(*args)

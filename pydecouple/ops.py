@@ -70,10 +70,18 @@ def _register_kernel_fakes() -> None:
     for name in ("gated_conv2d_cpu", "gated_conv2d_cuda"):
         if hasattr(torch.ops.pydecouple, name):
             torch.library.register_fake(f"pydecouple::{name}")(_fake_kernel)
+    if hasattr(torch.ops.pydecouple, "accel_conv_cpu"):
+        torch.library.register_fake("pydecouple::accel_conv_cpu")(_fake_accel_conv)
 
 
 def _fake_kernel(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, relu):
     return _fake_output(x, weight, stride, padding, dilation)
+
+
+def _fake_accel_conv(x, in_mask, weight, bias, w1, b1, w2, b2, stride, padding, dilation, relu, residual,
+                     residual_relu, dense_above):
+    return (_fake_output(x, weight, stride, padding, dilation),
+            x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bool))
 
 
 if _backend.extension_available():

@@ -308,6 +308,13 @@ def test_case4_backends_see_one_dtype_under_autocast(monkeypatch):
             return real(x, w, b, *rest)
 
         monkeypatch.setattr(_backend.BACKENDS[name], "run", spy)
+    real_fused = _backend._call_fused
+
+    def spy_fused(x, in_mask, w, b, *rest):  # the fused layer (gate + conv in one call)
+        seen.append({x.dtype, w.dtype} | ({b.dtype} if b is not None else set()))
+        return real_fused(x, in_mask, w, b, *rest)
+
+    monkeypatch.setattr(_backend, "_call_fused", spy_fused)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = accelerate(dec)(x)

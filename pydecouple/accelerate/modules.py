@@ -170,14 +170,37 @@ class AccelConv(_NoScript, nn.Module):
                          self.groups, self.relu, backend=self.backend, kept=kept, x_masked=True)
         return y, frac
 
-    def run(self, x: torch.Tensor, in_mask: Optional[torch.Tensor] = None, in_frac: Optional[float] = None
-            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
+    def gate_params(self) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The gate's (w1, b1, w2, b2) for the fused layer, or None where the
+        gate is forced open or is an ACM of its own structure."""
+        g = self.gate
+        if g is None or g.force_open or g.acm is not None:
+            return None
+        return g.w1, g.b1, g.w2, g.b2
+
+    def run(self, x: torch.Tensor, in_mask: Optional[torch.Tensor] = None, in_frac: Optional[float] = None,
+            residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
         """``(y, mask, kept fraction of mask or None)`` for input ``x`` and the
-        upstream mask (used only if this layer is chained to it)."""
+        upstream mask (used only if this layer is chained to it). With a
+        ``residual`` (the last conv of a residual block): ``y = relu(y +
+        residual)``, fused into the layer where it runs in one call."""
+        if self.probe is None and self.gate is not None:
+            params = self.gate_params()
+            if params is not None:
+                # Gate, dense-or-kernel choice, conv and residual in one compiled
+                # call where the dispatcher has one for this input.
+                fused = _backend.run_gated_layer(x, in_mask if self.uses_in_mask else None, self.weight, self.bias,
+                                                 params, self.stride, self.pad4, self.dilation, self.groups,
+                                                 self.relu, residual, residual is not None, backend=self.backend)
+                if fused is not None:
+                    return fused[0], fused[1], None
         if self.probe is not None:
-            return self._run_probed(x, in_mask, in_frac)
-        mask = self.gate(x) if self.gate is not None else None
-        y, frac = self._conv(x, mask, in_mask, in_frac)
+            y, mask, frac = self._run_probed(x, in_mask, in_frac)
+        else:
+            mask = self.gate(x) if self.gate is not None else None
+            y, frac = self._conv(x, mask, in_mask, in_frac)
+        if residual is not None:
+            y = torch.relu_(y.add_(residual))
         return y, mask, frac
 
     def _run_probed(self, x, in_mask, in_frac):
@@ -242,16 +265,18 @@ class AccelResidual(_NoScript, nn.Module):
         return self.forward(x), None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, m, f = x, None, None
-        for conv in self.convs:
-            out, m, f = conv.run(out, m, f)
         if self.downsample is None:
             identity = x
         elif isinstance(self.downsample, (AccelConv, AccelSequential)):
             identity = self.downsample.run(x)[0]
         else:
             identity = self.downsample(x)
-        return torch.relu_(out.add_(identity))
+        out, m, f = x, None, None
+        for conv in self.convs[:-1]:
+            out, m, f = conv.run(out, m, f)
+        # The last conv adds the shortcut and applies the block's ReLU in its
+        # epilogue (mask before the add, as the decoupled block does).
+        return self.convs[-1].run(out, m, f, residual=identity)[0]
 
 
 def accel_layers(accel: nn.Module) -> List[Tuple[str, AccelConv]]:

@@ -1,0 +1,75 @@
+"""pydecouple::accel_conv_cpu, an accelerated gated layer in one call (gate,
+dense-or-kernel route, conv, residual epilogue), against the formula it
+fuses: the gate's MLP in float32 and the masked reference convolution."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pydecouple
+from pydecouple.reference import gated_conv2d_reference
+from tolerances import TOLERANCES
+
+pytestmark = pytest.mark.skipif(not pydecouple.extension_available(), reason="the compiled extension is not built")
+
+ALWAYS_KERNEL, ALWAYS_DENSE = 2.0, -1.0
+
+
+def _case(n, cin, cout, h, k, dtype, hid=8):
+    x = torch.randn(n, cin, h, h).to(dtype)
+    w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout).to(dtype)
+    w1, b1 = torch.randn(hid, cin), torch.randn(hid)
+    w2, b2 = torch.randn(cout, hid), torch.randn(cout) * 0.5
+    return x, w, b, w1, b1, w2, b2
+
+
+def _expected(x, w, b, w1, b1, w2, b2, in_mask, pad, relu, residual, residual_relu):
+    mask = F.linear(F.relu(F.linear(x.float().mean(dim=(2, 3)), w1, b1)), w2, b2) > 0
+    xin = x.double()
+    if in_mask is not None:  # the op's contract: channels that are off arrive as zeros
+        xin = xin * in_mask[:, :, None, None]
+    y = gated_conv2d_reference(xin, w.double(), b.double(), mask, None, (1, 1), (pad,) * 4, (1, 1), 1, relu)
+    if residual is not None:
+        y = y + residual.double()
+        if residual_relu:
+            y = torch.relu(y)
+    return y, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("route", [ALWAYS_KERNEL, ALWAYS_DENSE], ids=["kernel", "dense"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("n,cin,cout,h,k", [(1, 16, 24, 8, 3), (6, 33, 40, 5, 3), (3, 64, 64, 4, 1)])
+@pytest.mark.parametrize("residual_kind", ["none", "relu", "plain"])
+def test_accel_conv_matches_its_formula(dtype, route, channels_last, n, cin, cout, h, k, residual_kind):
+    x, w, b, w1, b1, w2, b2 = _case(n, cin, cout, h, k, dtype)
+    in_mask = torch.rand(n, cin) < 0.6
+    x = x * in_mask[:, :, None, None].to(dtype)
+    residual = torch.randn(n, cout, h, h).to(dtype) if residual_kind != "none" else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        if residual is not None:
+            residual = residual.to(memory_format=torch.channels_last)
+    pad = k // 2
+    y, mask = torch.ops.pydecouple.accel_conv_cpu(x, in_mask, w, b, w1, b1, w2, b2, [1, 1], [pad] * 4, [1, 1], True,
+                                                  residual, residual_kind == "relu", route)
+    ref, ref_mask = _expected(x, w, b, w1, b1, w2, b2, in_mask, pad, True, residual, residual_kind == "relu")
+    assert torch.equal(mask, ref_mask)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or n == 1
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+    else:
+        # bfloat16 output: one rounding of values the size of the reference's
+        assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max() + TOLERANCES[torch.bfloat16]["floor"]
+
+
+def test_accel_conv_rejects_bad_gate_parameters():
+    x, w, b, w1, b1, w2, b2 = _case(2, 8, 12, 6, 3, torch.float32)
+    with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'w2' must be a float32 CPU tensor of shape"):
+        torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2[:, :3], b2, [1, 1], [1] * 4, [1, 1], True,
+                                            None, False, 0.5)
+    with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'residual' must be a CPU tensor of shape"):
+        torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True,
+                                            torch.randn(2, 12, 5, 5), False, 0.5)
