@@ -31,7 +31,7 @@ from .. import _backend
 from ..nn.gate import ArchitectureControl
 from ..nn.graph import ZERO_PRESERVING, trace_dataflow
 from ..nn.modules import BasicBlock, Bottleneck, GatedBatchNorm2d, GatedConv2d
-from .modules import AccelConv, AccelResidual, AccelSequential, accel_layers
+from .modules import AccelConv, AccelEntry, AccelResidual, AccelSequential, accel_layers
 
 __all__ = ["AccelerateSummary", "accelerate"]
 
@@ -249,7 +249,8 @@ class _Converter:
         return new
 
 
-def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = False) -> nn.Module:
+def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = False,
+               dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> nn.Module:
     """An inference module computing ``model``'s eval function with gated kernels.
 
     Args:
@@ -260,6 +261,15 @@ def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = Fal
             dense and multiplies by the mask (the "masked dense" comparison).
         verbose: print the summary (it is always logged and kept as
             ``accel.accelerate_summary``).
+        dtype: run in this dtype (``torch.bfloat16``: the CPU kernel's
+            bfloat16 path, float32 accumulation). Weights are rounded once
+            from the folded float32 values; the gates' MLPs stay float32 and
+            read the mean of their input in float32, so a mask differs from
+            the float32 model's only where a logit lies within the rounding
+            of the activations from 0. Inputs are cast on entry and the
+            logits returned in the input's dtype.
+        channels_last: run in channels_last memory format (inputs converted
+            on entry), oneDNN's fast layout for bfloat16.
 
     Returns:
         A new ``nn.Module`` in eval mode whose parameters do not require grad.
@@ -304,6 +314,8 @@ def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = Fal
         m._forward_hooks = type(m._forward_hooks)()
         m._forward_pre_hooks = type(m._forward_pre_hooks)()
     summary = conv.summary
+    if dtype is not None or channels_last:
+        accel = AccelEntry(accel, dtype, channels_last)
     object.__setattr__(accel, "accelerate_summary", summary)
     log.info("%s", summary)
     for name, why in summary.own_forward:

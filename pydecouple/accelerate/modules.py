@@ -29,7 +29,8 @@ from ..geometry import conv_padding4
 from ..nn.gate import ArchitectureControl
 from .fold import fold_bn, fold_bn_into
 
-__all__ = ["AccelConv", "AccelGate", "AccelResidual", "AccelSequential", "Probe", "accel_layers", "probing"]
+__all__ = ["AccelConv", "AccelEntry", "AccelGate", "AccelResidual", "AccelSequential", "Probe", "accel_layers",
+           "probing"]
 
 # probe(layer, x, mask, in_mask, y, gate_seconds, conv_seconds), called after each run of a layer.
 Probe = Callable[["AccelConv", torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, float,
@@ -102,7 +103,8 @@ class AccelGate(_NoScript, nn.Module):
             return torch.ones(x.shape[0], self.out_channels, dtype=torch.bool, device=x.device)
         if self.acm is not None:
             return self.acm.logits(x) > 0
-        z = x.mean(dim=(2, 3))
+        # In float32 whatever x's dtype (the fused layer does the same in C++).
+        z = x.mean(dim=(2, 3), dtype=torch.float32)
         return F.linear(F.relu(F.linear(z, self.w1, self.b1)), self.w2, self.b2) > 0
 
 
@@ -277,6 +279,38 @@ class AccelResidual(_NoScript, nn.Module):
         # The last conv adds the shortcut and applies the block's ReLU in its
         # epilogue (mask before the add, as the decoupled block does).
         return self.convs[-1].run(out, m, f, residual=identity)[0]
+
+
+class AccelEntry(_NoScript, nn.Module):
+    """An accelerated model run in another dtype and/or memory format: the
+    input is converted on entry, the output returned in the input's dtype.
+    Its parameters (but the gates') are in ``dtype``."""
+
+    def __init__(self, inner: nn.Module, dtype: Optional[torch.dtype], channels_last: bool) -> None:
+        super().__init__()
+        if dtype is not None:
+            if not dtype.is_floating_point or dtype == torch.float64:
+                raise ValueError(f"accelerate: argument 'dtype' must be torch.float32, torch.bfloat16 or "
+                                 f"torch.float16, got {dtype}")
+            inner.to(dtype)
+            for m in inner.modules():  # the gates' MLPs stay float32 (their decisions are float32's)
+                if isinstance(m, AccelGate):
+                    m.float()
+        self.inner = inner
+        self.dtype = dtype
+        self.channels_last = bool(channels_last)
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, channels_last={self.channels_last}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if self.dtype is not None and x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.inner(x)
+        return out.to(in_dtype) if out.is_floating_point() and out.dtype != in_dtype else out
 
 
 def accel_layers(accel: nn.Module) -> List[Tuple[str, AccelConv]]:
