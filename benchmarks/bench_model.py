@@ -1,25 +1,32 @@
 """A dense model against its accelerated decoupled twin, end to end, on real
 test images, measured in one process, interleaved, medians over repeats.
 
-Providers (one row each per batch size):
+The baseline is the dense twin a user would run: BN folded into the convs
+(the same inference treatment the accelerated model gets), in the same
+dtype, in its faster memory layout (NCHW or channels_last; ``--compile``
+adds its torch.compile'd form): ``dense best``. Providers (one row each per
+dtype and batch size; pydecouple.benchmarking.benchmark_models):
 
 - ``dense``: the dense model as PyTorch runs it (eval, BN unfolded).
-- ``dense folded``: the same, BN folded into the convs (``accelerate(dense)``);
-  the baseline every speedup is measured against: both sides get the same
-  inference treatment, so the speedup is what gating adds.
-- ``decoupled masked-dense``: the decoupled model's eval forward with dense
-  kernels (conv, BN, then the mask: what the paper's code does).
-- ``accelerated masked-dense``: ``accelerate(decoupled, use_kernel=False)``:
-  folded, gates computed, dense conv + mask (gating's overhead without the skip).
-- ``accelerated``: ``accelerate(decoupled)``: the gated kernel skips the
-  deselected filters and input channels.
-- ``accelerated all-on``: the same weights with every gate forced on by its
-  ACM's bias (gates still computed): the cost of gating when nothing is skipped.
+- ``dense folded`` / ``dense folded cl``: the twin in each layout.
+- ``decoupled masked-dense`` (float32): the decoupled model's eval forward with
+  dense kernels (conv, BN, then the mask: what the paper's code does).
+- ``accelerated masked-dense``: folded, gates computed, dense conv + mask.
+- ``accelerated nchw`` / ``accelerated cl``: ``accelerate(decoupled)``, the
+  gated layers skipping deselected filters and input channels; ``accelerated``
+  is the faster of the two.
+- ``accelerated all-on``: every gate forced on by its ACM's bias (gates still
+  computed): the cost of gating when nothing is skipped.
 
 Columns: latency per batch (ms), throughput (images/s), the FLOPs ratio
 (``pydecouple.flops``: gated MACs, ACMs included, over the dense model's),
-the ideal speedup (its inverse), the measured speedup against ``dense folded``
-(and against ``dense``), and the efficiency (measured / ideal).
+the ideal speedup (its inverse), the measured speedup against ``dense best``
+(and against ``dense``), the efficiency (measured speedup x FLOPs ratio) and,
+for bfloat16, the agreement of predictions with the float32 decoupled model.
+
+``--suite`` runs the issue-13 set (vgg16, resnet56, resnet47_bottleneck,
+small_vgg at kept 0.5 and 0.7; random weights, gates calibrated to the kept
+fraction) and writes one summary table, model_suite.md.
 
 Then a per-layer profile (``pydecouple.accelerate.profile``) of the accelerated
 and the dense-folded model: conv, gate and other time per layer.
@@ -198,6 +205,50 @@ def find_checkpoints(root: Path = Path(__file__).resolve().parents[1] / "runs"):
     return str(dec[0]), (str(dense) if dense else None)
 
 
+# ----------------------------------------------------------------------------- the suite
+
+SUITE = [("vgg16", 0.5), ("resnet56", 0.5), ("resnet47_bottleneck", 0.5), ("small_vgg", 0.5), ("small_vgg", 0.7)]
+
+
+def run_suite(args, batch_sizes, dtypes) -> int:
+    images, _, data_desc = load_images(3, args.images)
+    rows = []
+    for arch, kept in SUITE:
+        dense, dec = synthetic_pair(arch, kept, images)
+        for r in benchmark_models(dense, dec, images, batch_sizes, args.repeats, min_time=args.min_time,
+                                  compile=args.compile, dtypes=dtypes):
+            if r["provider"] in ("accelerated", "accelerated all-on", "dense best"):
+                rows.append(dict(model=arch, kept=kept, **r))
+        print(f"bench_model: {arch} kept {kept} done", file=sys.stderr)
+    summary = []
+    for arch, kept in SUITE:
+        for dt in dtypes:
+            for b in batch_sizes:
+                sel = {r["provider"]: r for r in rows if r["model"] == arch and r["kept"] == kept
+                       and r["dtype"] == str(dt).replace("torch.", "") and r["batch"] == b}
+                a, on, base = sel["accelerated"], sel["accelerated all-on"], sel["dense best"]
+                summary.append(dict(model=arch, kept=kept, dtype=a["dtype"], batch=b, flops_ratio=a["flops_ratio"],
+                                    baseline=f"{base['best_of']} {base['latency_ms']:.2f} ms",
+                                    accelerated_ms=a["latency_ms"], accelerated_layout=a["best_of"],
+                                    speedup=a["speedup"], ideal=a["ideal_speedup"], efficiency=a["efficiency"],
+                                    all_on=on["speedup"]))
+    out = Path(args.out)
+    write_csv(str(out / "model_suite.csv"), summary)
+    desc = machine_description()
+    cols = ["model", "kept", "dtype", "batch", "flops_ratio", "baseline", "accelerated_ms", "accelerated_layout",
+            "speedup", "ideal", "efficiency", "all_on"]
+    md = ["# Accelerated models against the best dense twin", "", machine_header(desc), "",
+          f"- images: {data_desc}, {len(images)} images; random weights, BN statistics randomised, gates "
+          "calibrated to the kept fraction per layer",
+          f"- command: `python benchmarks/bench_model.py {' '.join(sys.argv[1:])}`", "",
+          "baseline: the dense twin (BN folded) in the same dtype and its faster layout; speedup = baseline / "
+          "accelerated (its faster layout); efficiency = speedup x FLOPs ratio; all_on = the same with every gate "
+          "forced on, over the baseline.", "", markdown_table(summary, cols)]
+    (out / "model_suite.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -220,6 +271,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer profile")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd dense-folded and accelerated models (slow to compile)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    p.add_argument("--suite", action="store_true",
+                   help="the issue-13 model set with random weights, one summary table (model_suite.md)")
     p.add_argument("--name", help="file stem under --out (default: model_<arch>[_kept<k>])")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -230,6 +284,9 @@ def main(argv=None) -> int:
         print("bench_model: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     batch_sizes = [int(b) for b in (args.batches or ("1,32,128" if args.device == "cuda" else "1,32")).split(",")]
+    dtypes = [{"float32": torch.float32, "bfloat16": torch.bfloat16}[d] for d in args.dtypes.split(",")]
+    if args.suite:
+        return run_suite(args, batch_sizes, dtypes)
 
     if not (args.checkpoint or args.arch or args.dense_checkpoint):
         args.checkpoint, args.dense_checkpoint = find_checkpoints()
@@ -295,7 +352,7 @@ def main(argv=None) -> int:
     dense, dec, images = dense.to(dev), dec.to(dev), images.to(dev)
     labels = labels.to(dev) if labels is not None else None
     rows = benchmark_models(dense, dec, images, batch_sizes, args.repeats, labels=labels, min_time=args.min_time,
-                            compile=args.compile)
+                            compile=args.compile, dtypes=dtypes)
     for r in rows:
         r["arch"] = arch
 
@@ -316,13 +373,13 @@ def main(argv=None) -> int:
     write_csv(str(out / f"{name}.csv"), rows)
     if prof_rows:
         write_csv(str(out / f"{name}_profile.csv"), prof_rows)
-    cols = ["provider", "batch", "latency_ms", "images_per_s", "flops_ratio", "ideal_speedup", "speedup",
-            "speedup_vs_eager", "efficiency"] + (["accuracy"] if labels is not None else [])
+    cols = ["dtype", "provider", "batch", "latency_ms", "images_per_s", "flops_ratio", "ideal_speedup", "speedup",
+            "speedup_vs_eager", "efficiency", "best_of"] + (["accuracy", "agreement"] if labels is not None else [])
     md = [f"# {arch}: dense vs accelerated decoupled", "", machine_header(desc), "",
           f"- model: {model_desc}", f"- dense twin: {dense_desc}", f"- images: {data_desc}, {len(images)} images",
           f"- command: `python benchmarks/bench_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-          "speedup and efficiency are against `dense folded` (BN folded into the dense convs); "
-          "`speedup_vs_eager` against the dense model as PyTorch runs it.", "",
+          "speedup and efficiency are against `dense best`: the dense twin with BN folded, same dtype, its faster "
+          "layout (best_of); `speedup_vs_eager` against the dense model as PyTorch runs it (BN unfolded, NCHW).", "",
           markdown_table(rows, cols)]
     if prof_rows:
         md += ["", "## Per-layer profile (us per forward; accelerated beside dense folded)", ""]

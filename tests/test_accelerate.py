@@ -268,6 +268,15 @@ def test_benchmark_models_api():
     rows = benchmark_models(dense, dec, images, [1, 8], repeats=1, labels=labels, min_time=0.0)
     assert [(r["batch"], r["provider"]) for r in rows] == [(b, p) for b in (1, 8) for p in PROVIDERS]
     for r in rows:
-        assert r["latency_ms"] > 0 and 0 < r["flops_ratio"] <= 1.0 + 1e-9 and 0.0 <= r["accuracy"] <= 1.0 \
-            or r["provider"] == "accelerated all-on"
-    assert next(r for r in rows if r["provider"] == "dense folded")["speedup"] == 1.0
+        assert r["latency_ms"] > 0 and 0 < r["flops_ratio"] <= 1.0 + 1e-9 or r["provider"] == "accelerated all-on"
+        if r["provider"] in ("dense folded", "accelerated nchw", "accelerated", "decoupled masked-dense"):
+            assert 0.0 <= r["accuracy"] <= 1.0
+    assert next(r for r in rows if r["provider"] == "dense best")["speedup"] == 1.0
+    for b in (1, 8):  # the baseline is the faster dense layout, the accelerated row the faster of its own
+        by = {r["provider"]: r for r in rows if r["batch"] == b}
+        assert by["dense best"]["latency_ms"] == min(by["dense folded"]["latency_ms"], by["dense folded cl"]["latency_ms"])
+        assert by["accelerated"]["latency_ms"] == min(by["accelerated nchw"]["latency_ms"],
+                                                      by["accelerated cl"]["latency_ms"])
+    rows = benchmark_models(dense, dec, images, [2], repeats=1, labels=labels, min_time=0.0, dtypes=[torch.bfloat16])
+    by = {r["provider"]: r for r in rows}
+    assert by["accelerated"]["dtype"] == "bfloat16" and 0.0 <= by["accelerated"]["agreement"] <= 1.0

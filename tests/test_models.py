@@ -6,7 +6,8 @@ import torch
 from pydecouple.models import ARCHS, Normalize, build
 from pydecouple.nn import gate_modules
 
-GATED = {"small_vgg": 5, "vgg16": 12, "vgg_cfg_e": 15, "resnet20": 18, "resnet56": 54, "tiny_cnn": 2}
+GATED = {"small_vgg": 5, "vgg16": 12, "vgg_cfg_e": 15, "resnet20": 18, "resnet56": 54, "resnet47_bottleneck": 45,
+         "tiny_cnn": 2}
 
 
 @pytest.mark.parametrize("arch", sorted(GATED))

@@ -25,7 +25,7 @@ class LayerProfile:
     name: str
     gated: bool
     kept: float  # mean kept fraction f_in * f_out (1 for dense layers)
-    gate_s: float  # per forward
+    gate_s: float  # per forward (0 where the layer ran as one fused call: its gate is inside conv_s)
     conv_s: float  # per forward (backend choice, kernel or dense conv, epilogue)
 
 

@@ -133,6 +133,8 @@ for _name, _cfg in VGG_CFGS.items():
     ARCHS[_name] = (lambda cfg: (lambda **kw: VGG(cfg, **kw)))(_cfg)
 ARCHS["resnet20"] = lambda **kw: CifarResNet(20, **kw)
 ARCHS["resnet56"] = lambda **kw: CifarResNet(56, **kw)
+# Bottleneck blocks (1x1 - 3x3 - 1x1, expansion 4): 5 per stage, 45 convs + stem + head = 47 layers.
+ARCHS["resnet47_bottleneck"] = lambda **kw: CifarResNet(32, block="bottleneck", **kw)
 
 
 def build(arch: str, num_classes: int = 10, decoupled: bool = False, in_channels: int = 3, *,
@@ -140,7 +142,7 @@ def build(arch: str, num_classes: int = 10, decoupled: bool = False, in_channels
     """Build a zoo model.
 
     Args:
-        arch: one of ``ARCHS`` (small_vgg, vgg16, vgg_cfg_e, resnet20, resnet56, tiny_cnn).
+        arch: one of ``ARCHS`` (small_vgg, vgg16, vgg_cfg_e, resnet20, resnet56, resnet47_bottleneck, tiny_cnn).
         num_classes: classifier width.
         decoupled: return the decoupled (gated) form (``pydecouple.nn.decouple``).
         in_channels: image channels (3 for CIFAR, 1 for digits).
