@@ -442,7 +442,9 @@ def plot(rows: List[Dict[str, Any]], png: Path, title: str) -> None:
     for ax, (key, xl) in zip(axes, panels):
         for kind in style:
             for kd in (False, True):
-                rs = [r for r in rows if r["kind"] == kind and ("+kd" in r["arm"]) == kd and r[key] == r[key]]
+                # The grid and its distilled twins; the one-off tries (lr=, hard=, ...) stay in the table.
+                rs = [r for r in rows if r["kind"] == kind and ("+kd" in r["arm"]) == kd and r[key] == r[key]
+                      and set(parse_arm(r["arm"])[2]) <= {"kd"}]
                 if not rs:
                     continue
                 rs.sort(key=lambda r: r[key])
