@@ -1,18 +1,21 @@
 // The GEMM engine's driver: masks to kept lists, the work split, buffers and
 // threads (see gemm_engine.h for the algorithm and the kernels it calls).
 //
-// Work order. Filters are cut into blocks whose packed weights (KK x C x ob
-// elements) fit half of a core's L2; items are (filter block, sample, block
-// of output positions), filter block outermost, so the items one thread runs
-// in a row share a block of weights that stays in its L2 while every sample
-// gathers its kept rows and filters from it. Small layers have one block, and
-// the order is then simply sample by sample.
+// Two schedules:
 //
-// Per item: gather B (the sample's kept filters of the block over its kept
-// channels; once per (block, sample)), im2col A for the positions (the 1x1,
-// stride-1, unpadded case reads the gathered input in place), one GEMM, the
-// epilogue. The kept channels of every sample are gathered (and, for NCHW
-// input, transposed) once, before the items, in parallel.
+// * many units (a unit: one sample, or a block of 256 output positions of
+//   one): each thread takes a range of units and runs them in groups (their
+//   float32 C tiles fit kCGroupBytes) through the K blocks, K block outside
+//   and units inside, so a block's source weights stay in L2 while every
+//   unit of the group gathers from them;
+// * few units (batch 1, small images): one sample at a time, the threads
+//   splitting it by position block and by range of kept filters.
+//
+// The kept channels of every sample are first gathered (and, for NCHW input,
+// transposed) to NHWC rows in the compute type, in parallel. Per unit and K
+// block: gather B, im2col A (a 1x1, stride-1, unpadded conv reads the
+// gathered input in place), one GEMM accumulating into C; after the last
+// block, the epilogue.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -13,20 +13,27 @@
 // * Vectors run along filters (B's rows), so a 2x2 or 4x4 image wastes no lane
 //   (the direct kernel vectorised along positions and lost half of every
 //   vector there).
-// * B is gathered per (sample, block of filters) from weights packed once per
-//   weight tensor ([KK][C][O], filters contiguous; cached by the driver) with
-//   AVX-512 compress instructions: a kept filter row costs one load and one
-//   compress per 16 filters. Filters are processed in blocks whose packed
-//   weights fit the L2 cache, with the samples inside a block, so that every
-//   sample gathers its weights from L2 and not from L3 or memory: at batch 32
-//   on a 2x2 image the weights are read 4 times per sample, and gathering
-//   them from L3 cost more than the arithmetic.
+// * B is gathered per sample from weights packed once per weight tensor
+//   ([KK][C][Op], filters contiguous; cached by the driver): a kept row is
+//   streamed 16 filters at a time through precomputed permutes into full,
+//   aligned vectors of kept filters (one load and about one and a half
+//   permutes per 16 source filters, one store per 16 kept ones).
+// * K (taps x kept channels) is cut into blocks whose source weights fit
+//   L2, and a group of samples runs through one block before the next, so
+//   that each sample gathers from L2 instead of from memory: a deep layer's
+//   weights (9.4 MB at 512 x 512 x 3 x 3, float32) are then read from memory
+//   once per group, not once per sample. The cost that remains is the
+//   gather itself, about 1 / (f_out * positions) of the GEMM: small on
+//   images of 8x8 and more, as large as the GEMM on 4x4, larger on 2x2,
+//   where the kernel cannot beat the dense convolution (docs/acceleration.md).
 // * bfloat16: A and B stay bfloat16 (B in the VNNI pair layout [K/2][N][2]
 //   that vdpbf16ps and AMX read), accumulation is float32, rounding to
 //   bfloat16 happens once, in the epilogue.
-// * The epilogue adds the bias, applies the ReLU and writes the output block
-//   in the output's layout (NCHW planes or NHWC rows), writing zeros for the
-//   deselected filters of the block: every output element is written once.
+// * The epilogue adds the bias, applies the ReLU (and, at a ResNet block's
+//   end, adds the shortcut and applies the block's ReLU) and writes the
+//   output in its layout (NCHW planes through 16x16 register transposes, or
+//   NHWC rows), writing the deselected filters too: every output element is
+//   written once, no zeroing pass.
 //
 // Everything here takes raw pointers, so the same source compiles for several
 // instruction sets (gemm_engine_impl.h, included by one translation unit per

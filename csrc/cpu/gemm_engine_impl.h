@@ -251,6 +251,28 @@ inline void zero_row(char* dst, int64_t bytes) {
 
 void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a) {
   const int64_t row = kip * es;
+#if ENGINE_ISA >= 2
+  if (row <= 64) {
+    // A row of at most 64 bytes (up to 16 float32 channels): one masked
+    // load and one masked store per (position, tap), the mask made once.
+    const __mmask64 m = row == 64 ? ~__mmask64{0} : ((__mmask64{1} << row) - 1);
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
+      char* dst = a + r * s.KK * row;
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t h = ho * s.sh - s.pt + kh * s.dh;
+        const bool hin = h >= 0 && h < s.H;
+        for (int64_t kw = 0; kw < s.KW; ++kw, dst += row) {
+          const int64_t w = wo * s.sw - s.pl + kw * s.dw;
+          const __m512i v = hin && w >= 0 && w < s.W ? _mm512_maskz_loadu_epi8(m, xg + (h * s.W + w) * row)
+                                                     : _mm512_setzero_si512();
+          _mm512_mask_storeu_epi8(dst, m, v);
+        }
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t r = 0; r < M; ++r) {
     const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
     char* dst = a + r * s.KK * row;
