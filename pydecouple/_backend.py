@@ -254,30 +254,50 @@ def mask_fraction(m: Optional[torch.Tensor]) -> float:
     return kept / m.numel()
 
 
-def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32) -> float:
-    """The kept fraction f_in * f_out below which the CPU kernel beats oneDNN's
-    dense convolution, from the crossover measured with
-    benchmarks/bench_gated_conv.py (README, "CPU kernel"): with all channels
-    kept the kernel runs at 0.5-0.9x of dense at batch 32 (at 0.4-0.7x on 4x4
-    and 2x2 images, where its vectors carry discarded positions), at about
-    0.6-1.8x at batch 1."""
+def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0) -> float:
+    """The kept fraction f_in * f_out at or below which the CPU kernel beats
+    oneDNN's dense convolution (the faster of NCHW and channels_last, same
+    dtype); above it the dispatcher runs dense conv and the mask.
+
+    Fitted to the crossovers measured by ``benchmarks/bench_gated_conv.py``
+    (benchmarks/results/cpu_kernel.csv, AMD Zen 4, 2 threads): the kept
+    fraction at which the pinned kernel's speedup over the best dense layout
+    falls to 1, interpolated between f = 1, 0.75, 0.5 and 0.25. Each value is
+    at or below the smallest crossover of its class, so a layer above the line
+    never loses to dense by the rule's fault; all kept (1.0) is always dense.
+
+    - ``depth`` (C_in/groups x kh x kw) <= 96, e.g. a 1x1 conv over 64
+      channels: the per-sample dot products are too short to amortise the
+      weight gather (crossover 0.22-0.34; depth 128 already 0.44-0.88).
+    - batch <= 4: oneDNN is slow on small batches, the kernel wins up to
+      0.85 on images of <= 64 positions (crossover 0.9-1.0), 0.44-0.96 above.
+    - batch > 4: the per-sample weight gather grows against the GEMM as the
+      image shrinks: 2x2 crossovers 0.13 (bfloat16) - 0.24, 4x4 0.23-0.39,
+      7x7 and 8x8 0.52-0.7, larger images 0.5-0.96.
+    """
+    if 0 < depth <= 96:
+        return 0.2
     if batch <= 4:
-        return 0.8
+        return 0.85 if hw <= 64 else 0.45
+    if hw <= 4:
+        return 0.12 if dtype == torch.bfloat16 else 0.2
     if hw <= 16:
-        return 0.45
-    return 0.6
+        return 0.22
+    return 0.5
 
 
-def kernel_pays(kept: float, batch: int, hw: int) -> bool:
+def kernel_pays(kept: float, batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0) -> bool:
     """Whether the CPU kernel is expected to beat dense conv at this kept fraction."""
-    return kept <= gating_threshold(batch, hw)
+    return kept <= gating_threshold(batch, hw, dtype, depth)
 
 
 def gating_pays(x, weight, out_mask, in_mask, groups) -> bool:
     """Whether the gathered kernel can beat dense conv on this problem (CPU)."""
     if out_mask is None and in_mask is None:
         return False
-    return kernel_pays(kept_fraction(x, out_mask, in_mask), x.shape[0], x.shape[2] * x.shape[3])
+    _, ci, kh, kw = weight.shape
+    return kernel_pays(kept_fraction(x, out_mask, in_mask), x.shape[0], x.shape[2] * x.shape[3], x.dtype,
+                       ci * kh * kw)
 
 
 def requested() -> Optional[str]:
@@ -339,7 +359,8 @@ def choose(x, weight, out_mask, in_mask, groups, *, backend: Optional[str] = Non
                 return "cpu"
             kept = kept_fraction(x, out_mask, in_mask)
         n, _, h, w = x.shape
-        return "cpu" if kept <= gating_threshold(n, h * w) else "dense"
+        _, ci, kh, kw = weight.shape
+        return "cpu" if kept <= gating_threshold(n, h * w, x.dtype, ci * kh * kw) else "dense"
     dev = x.device.type
     if dev == "cuda" and out_mask is None and in_mask is None:
         # Everything kept, known without reading a mask (no host sync): cuDNN.
@@ -406,7 +427,8 @@ def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: to
         backend = requested() or AUTO
     if backend == AUTO:
         n, _, h, w = x.shape
-        dense_above = gating_threshold(n, h * w, x.dtype)
+        _, ci, kh, kw = weight.shape
+        dense_above = gating_threshold(n, h * w, x.dtype, ci * kh * kw)
     elif backend == "cpu":
         dense_above = 2.0  # the kernel for every kept fraction
     elif backend == "dense":
