@@ -45,6 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Output size, output layout and kept-first index lists: the package's one
+# definition (pydecouple/geometry.py), shared with the op, its checks and fakes.
+from ..geometry import masks_to_indices, output_memory_format, output_size
+
 __all__ = ["gated_conv2d_triton", "gated_conv2d_fwd", "INTERPRET"]
 
 # Read when this module is imported, as triton.jit does.
@@ -372,19 +376,6 @@ def _gated_conv2d_direct_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
-def _masks_to_indices(mask: torch.Tensor):
-    """Kept-first int32 index lists and counts per row, on the device, no sync."""
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    return order.to(torch.int32).contiguous(), mask.sum(dim=1, dtype=torch.int32).contiguous()
-
-
-def _out_memory_format(x: torch.Tensor) -> torch.memory_format:
-    # As F.conv2d: a channels_last input gives a channels_last output.
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _input_precision(dtype: torch.dtype) -> Optional[str]:
     if dtype == torch.float32:
         # The same choice PyTorch makes for its float32 convolutions.
@@ -457,11 +448,10 @@ def gated_conv2d_fwd(
     sh, sw = int(stride[0]), int(stride[1])
     pt, pb, pl, pr = (int(p) for p in padding)
     dh, dw = int(dilation[0]), int(dilation[1])
-    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = output_size(h, w, (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw))
     cout_g = cout // groups
     if out is None:
-        out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
+        out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     elif tuple(out.shape) != (n, cout, ho, wo) or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"gated_conv2d (triton): 'out' must be a {(n, cout, ho, wo)} {x.dtype} tensor on "
                          f"{x.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
@@ -481,7 +471,7 @@ def gated_conv2d_fwd(
     if uses_direct_kernel(cin_g, cout_g, groups):
         w_c = weight.contiguous()
         if out_mask is not None:
-            out_idx, out_cnt = _masks_to_indices(out_mask)
+            out_idx, out_cnt = masks_to_indices(out_mask)
         else:
             out_idx = out_cnt = dummy_i32
         in_m = in_mask.contiguous().view(torch.uint8) if in_mask is not None else dummy_i32
@@ -503,11 +493,11 @@ def gated_conv2d_fwd(
     # (KH, KW, Cin/groups, Cout): a K row of the B tile is consecutive filters.
     w_p = weight.permute(2, 3, 1, 0).contiguous()
     if out_mask is not None:
-        out_idx, out_cnt = _masks_to_indices(out_mask.reshape(n * groups, cout_g))
+        out_idx, out_cnt = masks_to_indices(out_mask.reshape(n * groups, cout_g))
     else:
         out_idx = out_cnt = dummy_i32
     if in_mask is not None:
-        in_idx, in_cnt = _masks_to_indices(in_mask.reshape(n * groups, cin_g))
+        in_idx, in_cnt = masks_to_indices(in_mask.reshape(n * groups, cin_g))
     else:
         in_idx = in_cnt = dummy_i32
     use_dot = x.dtype != torch.float64

@@ -6,10 +6,9 @@ three applications: interpretation (``pydecouple.paths``), acceleration
 (``pydecouple.accelerate``) and adversarial detection (``pydecouple.adversarial``).
 """
 
-from ._backend import _load_extension
 from ._backend import explain as explain_backends, extension_available
 
-_load_extension()  # registers the compiled ops, or warns once why not
+extension_available()  # loads the compiled library once: registers its ops, or warns once why not
 
 from . import ops  # noqa: E402
 from .ops import gated_conv2d, masks_to_indices  # noqa: E402

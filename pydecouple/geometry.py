@@ -2,11 +2,11 @@
 
 The argument checks (``_validate.py``), the op (its fake and its output
 layout), the compiled kernels' fakes, the accelerated modules' padding and the
-public ``masks_to_indices`` take their output size, memory layout, four-sided
-padding and kept-first index lists from here, so that a change of convention
-is a change in one place. Still restated: the Triton launcher
-(``kernels/gated_conv2d.py``, owned apart, is to import these) and the C++
-kernels (in C++); tests hold every implementation to the reference.
+public ``masks_to_indices`` and the Triton launcher (``kernels/gated_conv2d.py``)
+take their output size, memory layout, four-sided padding and kept-first
+index lists from here, so that a change of convention is a change in one
+place. Still restated: the C++ kernels (in C++); tests hold every
+implementation to the reference.
 """
 
 from __future__ import annotations
