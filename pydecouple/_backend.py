@@ -255,35 +255,37 @@ def mask_fraction(m: Optional[torch.Tensor]) -> float:
 
 
 def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0) -> float:
-    """The kept fraction f_in * f_out at or below which the CPU kernel beats
-    oneDNN's dense convolution (the faster of NCHW and channels_last, same
-    dtype); above it the dispatcher runs dense conv and the mask.
+    """The kept fraction f_in * f_out at or below which the CPU kernel runs;
+    above it the dispatcher runs dense conv and applies the mask.
 
-    Fitted to the crossovers measured by ``benchmarks/bench_gated_conv.py``
-    (benchmarks/results/cpu_kernel.csv, AMD Zen 4, 2 threads): the kept
-    fraction at which the pinned kernel's speedup over the best dense layout
-    falls to 1, interpolated between f = 1, 0.75, 0.5 and 0.25. Each value is
-    at or below the smallest crossover of its class, so a layer above the line
-    never loses to dense by the rule's fault; all kept (1.0) is always dense.
+    Fitted to ``benchmarks/bench_gated_conv.py`` (benchmarks/results/
+    cpu_kernel*.csv, AMD Zen 4, 2 threads, 30 layer shapes, float32 and
+    bfloat16): per layer, the kept fraction at which the pinned kernel falls
+    to 0.85x of the best dense layout (dense conv + the mask it then needs
+    costs about 1.15x dense), interpolated between f = 1, 0.75, 0.5 and
+    0.25. Each value is at or below the smallest crossover of its class; all
+    kept (1.0) is always dense.
 
-    - ``depth`` (C_in/groups x kh x kw) <= 96, e.g. a 1x1 conv over 64
-      channels: the per-sample dot products are too short to amortise the
-      weight gather (crossover 0.22-0.34; depth 128 already 0.44-0.88).
-    - batch <= 4: oneDNN is slow on small batches, the kernel wins up to
-      0.85 on images of <= 64 positions (crossover 0.9-1.0), 0.44-0.96 above.
+    - batch <= 4 (oneDNN is slow on small batches): images of <= 64
+      positions 0.8 (crossovers 0.81-1.0); larger ones 0.6, and 0.45 for
+      ``depth`` (C_in/groups x kh x kw) <= 128, i.e. 1x1 convs over few
+      channels, whose short dot products do not amortise the weight gather
+      (0.47-0.51).
     - batch > 4: the per-sample weight gather grows against the GEMM as the
-      image shrinks: 2x2 crossovers 0.13 (bfloat16) - 0.24, 4x4 0.23-0.39,
-      7x7 and 8x8 0.52-0.7, larger images 0.5-0.96.
+      image shrinks: 2x2 0.13-0.16, 3x3 and 4x4 0.33-0.49, 5x5-8x8
+      0.48-0.91, larger images 0.7-1.0 (depth <= 128: 0.49-0.81).
     """
-    if 0 < depth <= 96:
-        return 0.2
     if batch <= 4:
-        return 0.85 if hw <= 64 else 0.45
+        if hw <= 64:
+            return 0.8
+        return 0.45 if 0 < depth <= 128 else 0.6
     if hw <= 4:
-        return 0.12 if dtype == torch.bfloat16 else 0.2
+        return 0.12
     if hw <= 16:
-        return 0.22
-    return 0.5
+        return 0.3
+    if hw <= 64:
+        return 0.45
+    return 0.45 if 0 < depth <= 128 else 0.65
 
 
 def kernel_pays(kept: float, batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0) -> bool:

@@ -108,9 +108,14 @@ def fixed_count_mask(n: int, c: int, f: float, gen: torch.Generator) -> torch.Te
 
 def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: float, repeats: int,
                 gen: torch.Generator) -> Dict[str, object]:
-    """Time one layer: dense conv + mask, gated_conv2d (automatic dispatch), the
-    same with the CPU kernel pinned (``backend="cpu"``), and dense conv on the
-    problem cut to the kept counts."""
+    """Time one float32 layer against the dense conv a user would run.
+
+    The baseline of ``speedup`` is dense ``F.conv2d`` (+ the out-mask) on NCHW
+    *and* on channels_last input, the faster of the two (``dense_layout``), as
+    in benchmarks/bench_gated_conv.py. Timed alongside: gated_conv2d (automatic
+    dispatch) and the same with the CPU kernel pinned (``backend="cpu"``), each
+    in its faster layout, and dense conv on the problem cut to the kept counts
+    (``cut_limit``)."""
     import pydecouple
     from pydecouple.reference import gated_conv2d_reference
 
@@ -121,29 +126,44 @@ def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: f
     om, im = fixed_count_mask(batch, cout, f, gen), fixed_count_mask(batch, cin, f, gen)
     ki, ko = int(im[0].sum()), int(om[0].sum())
     x_cut, w_cut = torch.randn(batch, ki, h, h, generator=gen), torch.randn(ko, ki, k, k, generator=gen)
+    cl = torch.channels_last
+    xc, wc, xcc, wcc = x.to(memory_format=cl), w.to(memory_format=cl), x_cut.to(memory_format=cl), \
+        w_cut.to(memory_format=cl)
     omf = om[:, :, None, None].float()
 
-    def dense():
-        return F.conv2d(x, w, b, padding=pad) * omf
+    fns = {
+        "dense_nchw": lambda: F.conv2d(x, w, b, padding=pad) * omf,
+        "dense_cl": lambda: F.conv2d(xc, wc, b, padding=pad) * omf,
+        "gated_nchw": lambda: pydecouple.gated_conv2d(x, w, b, om, im, padding=pad),
+        "gated_cl": lambda: pydecouple.gated_conv2d(xc, w, b, om, im, padding=pad),
+        # the same public op with the CPU kernel pinned: only the choice differs from gated
+        "kernel_nchw": lambda: pydecouple.gated_conv2d(x, w, b, om, im, padding=pad, backend="cpu"),
+        "kernel_cl": lambda: pydecouple.gated_conv2d(xc, w, b, om, im, padding=pad, backend="cpu"),
+        "cut_nchw": lambda: F.conv2d(x_cut, w_cut, padding=pad),
+        "cut_cl": lambda: F.conv2d(xcc, wcc, padding=pad),
+    }
+    # A benchmark of a wrong result is worthless: check before timing, in both layouts.
+    ref = gated_conv2d_reference(x, w, b, om, im, (1, 1), (pad,) * 4, (1, 1), 1)
+    for key in ("kernel_nchw", "kernel_cl"):
+        torch.testing.assert_close(fns[key](), ref, atol=1e-3, rtol=1e-3)
+    with torch.no_grad():
+        t = dict(zip(fns, median_times(list(fns.values()), repeats=repeats, min_time=0.02)))
 
-    def gated():
-        return pydecouple.gated_conv2d(x, w, b, om, im, padding=pad)
+    def best(prefix):
+        a, c = t[prefix + "_nchw"], t[prefix + "_cl"]
+        return (a, "nchw") if a <= c else (c, "channels_last")
 
-    def forced():  # the same public op with the CPU kernel pinned: only the choice differs from gated()
-        return pydecouple.gated_conv2d(x, w, b, om, im, padding=pad, backend="cpu")
-
-    def cut():
-        return F.conv2d(x_cut, w_cut, padding=pad)
-
-    # A benchmark of a wrong result is worthless: check before timing.
-    torch.testing.assert_close(forced(), gated_conv2d_reference(x, w, b, om, im, (1, 1), (pad,) * 4, (1, 1), 1),
-                               atol=1e-3, rtol=1e-3)
-    t_dense, t_gated, t_kernel, t_cut = median_times([dense, gated, forced, cut], repeats=repeats, min_time=0.02)
+    (t_dense, dense_layout), (t_gated, gated_layout) = best("dense"), best("gated")
+    (t_kernel, kernel_layout), (t_cut, _) = best("kernel"), best("cut")
     backend = pydecouple._backend.choose(x, w, om, im, 1)
     flops_dense = 2.0 * batch * cin * cout * k * k * h * h
     return {
         "layer": name, "batch": batch, "f": f, "kept_in": ki, "kept_out": ko,
-        "dense_ms": t_dense * 1e3, "gated_ms": t_gated * 1e3, "kernel_ms": t_kernel * 1e3, "cut_ms": t_cut * 1e3,
+        "dense_ms": t_dense * 1e3, "dense_layout": dense_layout, "dense_nchw_ms": t["dense_nchw"] * 1e3,
+        "dense_cl_ms": t["dense_cl"] * 1e3, "baseline": f"dense F.conv2d float32, {dense_layout} (faster of NCHW and "
+        "channels_last)",
+        "gated_ms": t_gated * 1e3, "gated_layout": gated_layout, "kernel_ms": t_kernel * 1e3,
+        "kernel_layout": kernel_layout, "cut_ms": t_cut * 1e3,
         "speedup": t_dense / t_gated, "kernel_speedup": t_dense / t_kernel, "ideal": (cin * cout) / (ki * ko),
         "cut_limit": t_dense / t_cut, "backend": backend,
         "dense_gflops": flops_dense / t_dense / 1e9,
@@ -154,7 +174,8 @@ def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: f
 # ----------------------------------------------------------------------------- models: dense vs accelerated
 
 PROVIDERS = ["dense", "dense folded", "dense folded cl", "accelerated masked-dense", "accelerated nchw",
-             "accelerated cl", "accelerated all-on", "decoupled masked-dense", "dense best", "accelerated"]
+             "accelerated cl", "accelerated all-on", "decoupled masked-dense", "dense folded traced",
+             "accelerated traced", "dense best", "accelerated"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -250,10 +271,13 @@ def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images:
     ``accelerated``. Providers per (dtype, batch):
 
     - ``dense``: the dense model as PyTorch runs it (BN unfolded, NCHW);
-    - ``dense folded`` / ``dense folded cl`` (/ ``... compiled``): the twin;
+    - ``dense folded`` / ``dense folded cl`` / ``dense folded traced`` (/
+      ``... compiled``): the twin (traced: ``executor="trace"``, in its
+      faster eager layout);
     - ``decoupled masked-dense`` (float32 only): the paper's way, conv then mask;
     - ``accelerated masked-dense``: folded, gates computed, dense conv + mask;
-    - ``accelerated nchw`` / ``accelerated cl`` (/ ``compiled``): the gated kernels;
+    - ``accelerated nchw`` / ``accelerated cl`` / ``accelerated traced`` (/
+      ``compiled``): the gated kernels (traced: in the faster eager layout);
     - ``accelerated all-on``: every gate forced on by its ACM's bias.
 
     Args:
@@ -332,11 +356,22 @@ def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images:
             if on_cuda:
                 fns = [_synced(f) for f in fns]
             t = dict(zip(providers, median_times(fns, repeats=repeats, warmup=2, min_time=min_time)))
-            base = min((p for p in providers if p.startswith("dense folded")), key=lambda p: t[p])
-            best_acc = min((p for p in ("accelerated nchw", "accelerated cl", "accelerated compiled") if p in t),
-                           key=lambda p: t[p])
+            # The traced twins run in the layout that was faster eager (one more timing, not two).
+            dense_cl = t["dense folded cl"] < t["dense folded"]
+            acc_cl = t["accelerated cl"] < t["accelerated nchw"]
+            traced = {"dense folded traced": accelerate(dense, dtype=None if f32 else dtype, channels_last=dense_cl,
+                                                        executor="trace"),
+                      "accelerated traced": accelerate(dec, dtype=None if f32 else dtype, channels_last=acc_cl,
+                                                       executor="trace")}
+            tfns = [_cycle(m, batches) for m in traced.values()]
+            if on_cuda:
+                tfns = [_synced(f) for f in tfns]
+            t.update(zip(traced, median_times(tfns, repeats=repeats, warmup=2, min_time=min_time)))
+            base = min((p for p in t if p.startswith("dense folded")), key=lambda p: t[p])
+            best_acc = min((p for p in ("accelerated nchw", "accelerated cl", "accelerated traced",
+                                        "accelerated compiled") if p in t), key=lambda p: t[p])
             t["dense best"], t["accelerated"] = t[base], t[best_acc]
-            for p in providers + ["dense best", "accelerated"]:
+            for p in providers + list(traced) + ["dense best", "accelerated"]:
                 fr = 1.0 if p.startswith("dense") else (all_on_ratio if p.endswith("all-on") else ratio)
                 sp = t["dense best"] / t[p]
                 rows.append(dict(dtype=str(dtype).replace("torch.", ""), provider=p, batch=b,

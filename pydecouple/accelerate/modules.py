@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -285,11 +286,28 @@ class AccelResidual(_NoScript, nn.Module):
 
 
 class AccelEntry(_NoScript, nn.Module):
-    """An accelerated model run in another dtype and/or memory format: the
-    input is converted on entry, the output returned in the input's dtype.
-    Its parameters (but the gates') are in ``dtype``."""
+    """An accelerated model run in another dtype and/or memory format, and/or
+    through traced graphs: the input is converted on entry, the output
+    returned in the input's dtype. Its parameters (but the gates') are in
+    ``dtype``.
 
-    def __init__(self, inner: nn.Module, dtype: Optional[torch.dtype], channels_last: bool) -> None:
+    ``executor="trace"``: each new input signature (shape, dtype, layout) is
+    traced once with ``torch.jit.trace`` and later calls run the traced graph,
+    so no Python runs between layers (resnet56 at batch 1 on Zen 4: 8.8 ms
+    against 13.9 ms eager, docs/acceleration.md). The trace is safe here
+    because nothing data-dependent is decided in Python while tracing: the
+    fused layer chooses dense or kernel in C++ per call, and every other mask
+    stays in the graph (:func:`pydecouple._backend.capturing`). The eager
+    modules run instead when a probe is attached (profiling, FLOPs), under
+    autocast, with grad enabled, or while an outer capture (torch.compile,
+    torch.export, an outer trace) records the forward.
+    """
+
+    EXECUTORS = ("eager", "trace")
+    MAX_TRACES = 8  # input signatures kept; the oldest is dropped beyond
+
+    def __init__(self, inner: nn.Module, dtype: Optional[torch.dtype], channels_last: bool,
+                 executor: str = "eager") -> None:
         super().__init__()
         if dtype is not None:
             if not dtype.is_floating_point or dtype == torch.float64:
@@ -302,9 +320,32 @@ class AccelEntry(_NoScript, nn.Module):
         self.inner = inner
         self.dtype = dtype
         self.channels_last = bool(channels_last)
+        self.executor = executor
+        self._traces: "dict" = {}
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, channels_last={self.channels_last}"
+        return f"dtype={self.dtype}, channels_last={self.channels_last}, executor={self.executor!r}"
+
+    def _apply(self, fn, *args, **kwargs):
+        self._traces = {}  # .to() / .float() / .cuda(): the traced graphs hold the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def _traced(self, x: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        if (self.executor != "trace" or torch.is_grad_enabled() or _backend.capturing()
+                or torch._C._is_any_autocast_enabled()
+                or any(m.probe is not None for m in self.inner.modules() if isinstance(m, AccelConv))):
+            return None
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
+        fn = self._traces.get(key)
+        if fn is None:
+            with warnings.catch_warnings():
+                # torch.jit.trace is deprecated in torch 2.13 (a DeprecationWarning per call), not removed.
+                warnings.simplefilter("ignore")
+                fn = torch.jit.trace(self.inner, x, check_trace=False)
+            if len(self._traces) >= self.MAX_TRACES:
+                self._traces.pop(next(iter(self._traces)))
+            self._traces[key] = fn
+        return fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
@@ -312,7 +353,8 @@ class AccelEntry(_NoScript, nn.Module):
             x = x.to(self.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.inner(x)
+        traced = self._traced(x)
+        out = traced(x) if traced is not None else self.inner(x)
         return out.to(in_dtype) if out.is_floating_point() and out.dtype != in_dtype else out
 
 
