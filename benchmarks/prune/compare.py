@@ -425,7 +425,18 @@ def write_table(rows: List[Dict[str, Any]], out: Path, header: str) -> None:
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
 
 
-def plot(rows: List[Dict[str, Any]], png: Path, title: str) -> None:
+def _short(arm: str) -> str:
+    """The point label: the arm without its kind (the legend gives that): ``0.47``, ``0.65 kd0.5/4``."""
+    kind, value, opts = parse_arm(arm)
+    if kind in ("dense", "dense_ft"):
+        return arm
+    tail = " ".join(f"{k}{v}" for k, v in opts.items())
+    return f"{value:g}" + (f" {tail}" if tail else "")
+
+
+def plot(rows: List[Dict[str, Any]], png: Path, title: str, note: str = "") -> None:
+    """Accuracy against FLOPs and against measured latency (fp32 / bf16, batch 1 / 32):
+    five panels sharing the accuracy axis, the legend (and ``note``) in the sixth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -434,36 +445,50 @@ def plot(rows: List[Dict[str, Any]], png: Path, title: str) -> None:
     panels = [("flops_ratio", "FLOPs / dense FLOPs"), ("float32_b1_ms", "latency ms, float32, batch 1"),
               ("float32_b32_ms", "latency ms, float32, batch 32"), ("bfloat16_b1_ms", "latency ms, bfloat16, batch 1"),
               ("bfloat16_b32_ms", "latency ms, bfloat16, batch 32")]
-    style = {"dense": ("k", "*"), "dense_ft": ("k", "P"), "prune": ("tab:blue", "s"), "slim": ("tab:cyan", "D"),
+    style = {"dense": ("k", "*"), "dense_ft": ("dimgray", "P"), "prune": ("tab:blue", "s"), "slim": ("tab:cyan", "D"),
              "dec": ("tab:red", "o")}
+    # label offsets (points) per series, so labels of arms at the same FLOPs do not overprint
+    offset = {("prune", False): (4, 4), ("prune", True): (-34, -11), ("slim", False): (4, -11), ("slim", True): (4, -11),
+              ("dec", False): (5, 2), ("dec", True): (5, -10), ("dense", False): (-30, 4), ("dense_ft", False): (-36, 4),
+              ("dense_ft", True): (-36, -10)}
     fig, grid = plt.subplots(2, 3, figsize=(15, 9), sharey=True)
     axes = [grid[0, 0], grid[0, 1], grid[0, 2], grid[1, 1], grid[1, 2]]
     grid[1, 0].axis("off")
+    dense = next((r for r in rows if r["arm"] == "dense"), None)
     for ax, (key, xl) in zip(axes, panels):
+        if dense is not None:
+            ax.axhline(100 * dense["acc_mean"], color="k", lw=0.8, ls=":", label="dense base accuracy")
         for kind in style:
             for kd in (False, True):
                 # The grid and its distilled twins; the one-off tries (lr=, hard=, ...) stay in the table.
                 rs = [r for r in rows if r["kind"] == kind and ("+kd" in r["arm"]) == kd and r[key] == r[key]
-                      and set(parse_arm(r["arm"])[2]) <= {"kd"}]
+                      and set(parse_arm(r["arm"])[2]) <= {"kd", "ep"}]
                 if not rs:
                     continue
                 rs.sort(key=lambda r: r[key])
                 c, mk = style[kind]
+                # a line through one kind's widths; distilled tries are points (they differ in kd settings)
                 ax.errorbar([r[key] for r in rs], [100 * r["acc_mean"] for r in rs],
-                            yerr=[100 * r["acc_std"] for r in rs], color=c, marker=mk, ls="--" if kd else "-",
-                            mfc="white" if kd else c, capsize=3, label=kind + (" + KD" if kd else ""))
+                            yerr=[100 * r["acc_std"] for r in rs], color=c, marker=mk, ls="none" if kd else "-",
+                            mfc="white" if kd else c, ms=7, capsize=3, label=kind + (" + KD" if kd else ""))
                 for r in rs:
-                    ax.annotate(r["arm"], (r[key], 100 * r["acc_mean"]), fontsize=6, xytext=(3, 3),
-                                textcoords="offset points")
+                    ax.annotate(_short(r["arm"]), (r[key], 100 * r["acc_mean"]), fontsize=6, color=c,
+                                xytext=offset.get((kind, kd), (3, 3)), textcoords="offset points")
         ax.set_xlabel(xl)
         ax.grid(alpha=0.3)
     for ax in (grid[0, 0], grid[1, 1]):
         ax.set_ylabel("test accuracy (%)")
+        ax.tick_params(labelleft=True)
     handles, labels = axes[0].get_legend_handles_labels()
-    grid[1, 0].legend(handles, labels, loc="center", fontsize=9, title="arms (error bars: sd over seeds)")
-    fig.suptitle(title, fontsize=9)
+    grid[1, 0].legend(handles, labels, loc="upper center", fontsize=9,
+                      title="arms (error bars: sd over seeds)\nlabels: FLOPs target (prune) / rho (dec)")
+    if note:
+        grid[1, 0].text(0.5, 0.02, note, transform=grid[1, 0].transAxes, ha="center", va="bottom", fontsize=8,
+                        wrap=True)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    plt.close(fig)
     print(f"wrote {png}")
 
 
@@ -543,9 +568,15 @@ def main(argv=None) -> int:
               f"Machine: {desc['cpu']}, {desc['threads']} threads, torch {desc['torch']}, {desc['date']}. "
               f"Fine-tuning budget: {cfg['ft']['epochs']} epochs at lr {cfg['ft']['lr']} unless the arm says "
               f"`ep=`/`lr=`; base: {cfg['base']['epochs']} dense epochs.")
+    seeds = sorted({r["seeds"] for r in rows})
+    eps = sorted({r["ft_epochs"] for r in rows if r["kind"] != "dense" and r["ft_epochs"]})
+    note = (f"accuracy: mean of {'/'.join(map(str, seeds))} seed(s) per arm; fine-tuning "
+            f"{'/'.join(map(str, eps))} epoch(s) for every arm after {cfg['base']['epochs']} dense ones.\n"
+            f"latency: seed 0's model through pydecouple.accelerate, median of {args.repeats} interleaved rounds, "
+            f"best of NCHW / channels_last,\n{desc['threads']} thread(s) on a shared machine ({desc['date']}).")
     write_table(rows, out, header)
     plot(rows, out.with_suffix(".png"), f"{args.data}: accuracy against FLOPs and measured CPU latency "
-         f"({desc['threads']} threads, {desc['cpu'][:40]}); dashed: with distillation")
+         f"({desc['threads']} thread(s), {desc['cpu'][:40]}); open markers: distilled from the dense base", note)
     return 0
 
 
