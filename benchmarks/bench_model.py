@@ -174,7 +174,16 @@ def dense_twin_of(decoupled: nn.Module, meta: dict) -> nn.Module:
     return dense.eval()
 
 
-def load_images(in_channels: int, n: int):
+def load_images(in_channels: int, n: int, upsample: int = 1):
+    x, y, desc = _load_images(in_channels, n)
+    if upsample > 1:  # as the demo and compare.py train on digits: bilinear, clamped back to [0, 1]
+        x = torch.nn.functional.interpolate(x, scale_factor=upsample, mode="bilinear",
+                                            align_corners=False).clamp_(0, 1)
+        desc += f", upsampled {upsample}x"
+    return x, y, desc
+
+
+def _load_images(in_channels: int, n: int):
     from pydecouple.data import load_dataset
 
     if in_channels == 3 and CIFAR.is_file():
@@ -264,6 +273,8 @@ def main(argv=None) -> int:
                    help="--arch or --dense-checkpoint alone: kept fraction per gated layer (default 0.5)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32 on CPU, 1,32,128 on GPU)")
     p.add_argument("--images", type=int, default=1024, help="test images used (default 1024)")
+    p.add_argument("--upsample", type=int, default=1,
+                   help="upsample the test images by this factor (2 for the demo's and compare.py's digits models)")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample (default 0.2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: PyTorch's, all cores)")
@@ -302,7 +313,7 @@ def main(argv=None) -> int:
             print(f"bench_model: {args.checkpoint} is a dense checkpoint; pass the decoupled one as --checkpoint "
                   "and the dense one as --dense-checkpoint", file=sys.stderr)
             return 2
-        images, labels, data_desc = load_images(int(meta.get("in_channels", 3)), args.images)
+        images, labels, data_desc = load_images(int(meta.get("in_channels", 3)), args.images, args.upsample)
         if args.dense_checkpoint:
             dense, dmeta = load_model(args.dense_checkpoint)
             dense_desc = f"dense checkpoint {args.dense_checkpoint}"
@@ -321,7 +332,7 @@ def main(argv=None) -> int:
             print(f"bench_model: {args.dense_checkpoint} is decoupled; pass it as --checkpoint", file=sys.stderr)
             return 2
         arch = meta["arch"]
-        images, labels, data_desc = load_images(int(meta.get("in_channels", 3)), args.images)
+        images, labels, data_desc = load_images(int(meta.get("in_channels", 3)), args.images, args.upsample)
         dec = build(arch, num_classes=int(meta.get("num_classes", 10)), decoupled=True,
                     in_channels=int(meta.get("in_channels", 3)), mean=meta.get("mean"), std=meta.get("std"))
         dec.load_state_dict(dense.state_dict(), strict=False)

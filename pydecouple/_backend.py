@@ -254,23 +254,27 @@ def mask_fraction(m: Optional[torch.Tensor]) -> float:
     return kept / m.numel()
 
 
-def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0) -> float:
+def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0,
+                     width: int = 0) -> float:
     """The kept fraction f_in * f_out at or below which the CPU kernel runs;
     above it the dispatcher runs dense conv and applies the mask.
 
     Fitted to ``benchmarks/bench_gated_conv.py`` (benchmarks/results/
-    cpu_kernel*.csv, AMD Zen 4, 2 threads, 30 layer shapes, float32 and
-    bfloat16): per layer, the kept fraction at which the pinned kernel falls
-    to 0.85x of the best dense layout (dense conv + the mask it then needs
-    costs about 1.15x dense), interpolated between f = 1, 0.75, 0.5 and
-    0.25. Each value is at or below the smallest crossover of its class; all
-    kept (1.0) is always dense.
+    cpu_kernel*.csv, AMD Zen 4, 2 threads, 30 layer shapes of 64-768
+    channels, float32 and bfloat16) and to the CIFAR ResNets' 16-64-channel
+    layers (docs/acceleration.md): per layer, the kept fraction at which the
+    pinned kernel falls to 0.85x of the best dense layout (dense conv + the
+    mask it then needs costs about 1.15x dense), interpolated between f = 1,
+    0.75, 0.5 and 0.25. Each value is at or below the smallest crossover of
+    its class; all kept (1.0) is always dense.
 
+    - ``width`` (output channels) <= 16 at batch > 4: a sample's kept filters
+      fill less than one 16-lane vector (kernel 0.6-0.85x of dense at f = 0.5);
+      <= 64: 0.4 (32-64-channel layers cross at 0.45-0.6).
     - batch <= 4 (oneDNN is slow on small batches): images of <= 64
       positions 0.8 (crossovers 0.81-1.0); larger ones 0.6, and 0.45 for
-      ``depth`` (C_in/groups x kh x kw) <= 128, i.e. 1x1 convs over few
-      channels, whose short dot products do not amortise the weight gather
-      (0.47-0.51).
+      ``depth`` (C_in/groups x kh x kw) <= 128 or ``width`` <= 32, whose short
+      dot products or narrow outputs do not amortise the weight gather.
     - batch > 4: the per-sample weight gather grows against the GEMM as the
       image shrinks: 2x2 0.13-0.16, 3x3 and 4x4 0.33-0.49, 5x5-8x8
       0.48-0.91, larger images 0.7-1.0 (depth <= 128: 0.49-0.81).
@@ -278,28 +282,33 @@ def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, de
     if batch <= 4:
         if hw <= 64:
             return 0.8
-        return 0.45 if 0 < depth <= 128 else 0.6
+        return 0.45 if (0 < depth <= 128 or 0 < width <= 32) else 0.6
+    if 0 < width <= 16:
+        return 0.1
     if hw <= 4:
         return 0.12
     if hw <= 16:
         return 0.3
+    if 0 < width <= 64:
+        return 0.4
     if hw <= 64:
         return 0.45
     return 0.45 if 0 < depth <= 128 else 0.65
 
 
-def kernel_pays(kept: float, batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0) -> bool:
+def kernel_pays(kept: float, batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0,
+                width: int = 0) -> bool:
     """Whether the CPU kernel is expected to beat dense conv at this kept fraction."""
-    return kept <= gating_threshold(batch, hw, dtype, depth)
+    return kept <= gating_threshold(batch, hw, dtype, depth, width)
 
 
 def gating_pays(x, weight, out_mask, in_mask, groups) -> bool:
     """Whether the gathered kernel can beat dense conv on this problem (CPU)."""
     if out_mask is None and in_mask is None:
         return False
-    _, ci, kh, kw = weight.shape
+    co, ci, kh, kw = weight.shape
     return kernel_pays(kept_fraction(x, out_mask, in_mask), x.shape[0], x.shape[2] * x.shape[3], x.dtype,
-                       ci * kh * kw)
+                       ci * kh * kw, co)
 
 
 def requested() -> Optional[str]:
@@ -361,8 +370,8 @@ def choose(x, weight, out_mask, in_mask, groups, *, backend: Optional[str] = Non
                 return "cpu"
             kept = kept_fraction(x, out_mask, in_mask)
         n, _, h, w = x.shape
-        _, ci, kh, kw = weight.shape
-        return "cpu" if kept <= gating_threshold(n, h * w, x.dtype, ci * kh * kw) else "dense"
+        co, ci, kh, kw = weight.shape
+        return "cpu" if kept <= gating_threshold(n, h * w, x.dtype, ci * kh * kw, co) else "dense"
     dev = x.device.type
     if dev == "cuda" and out_mask is None and in_mask is None:
         # Everything kept, known without reading a mask (no host sync): cuDNN.
@@ -429,8 +438,8 @@ def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: to
         backend = requested() or AUTO
     if backend == AUTO:
         n, _, h, w = x.shape
-        _, ci, kh, kw = weight.shape
-        dense_above = gating_threshold(n, h * w, x.dtype, ci * kh * kw)
+        co, ci, kh, kw = weight.shape
+        dense_above = gating_threshold(n, h * w, x.dtype, ci * kh * kw, co)
     elif backend == "cpu":
         dense_above = 2.0  # the kernel for every kept fraction
     elif backend == "dense":
