@@ -50,7 +50,7 @@ bench: $(EXT)
 	$(PY) benchmarks/bench_gated_conv.py
 
 bench-model: $(EXT)
-	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_model.py --suite --dtypes float32,bfloat16
 
 clean:
 	rm -rf build build-cmake pydecouple/_C*.so *.egg-info
