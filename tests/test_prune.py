@@ -348,7 +348,7 @@ def test_compare_script_trains_times_and_retimes(tmp_path):
 
     runs, out = tmp_path / "runs", tmp_path / "res" / "digits"
     args = [sys.executable, str(COMPARE), "--data", "digits", "--runs", str(runs), "--out", str(out),
-            "--arms", "dense", "prune@0.5", "dec@0.65+kd=0.5/4", "--dtypes", "float32", "--repeats", "1",
+            "--arms", "dense", "prune@0.5", "dec@0.65+kd=0.5/4", "--dtypes", "float32", "bfloat16", "--repeats", "1",
             "--min-time", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(args + ["--quick", "2"], capture_output=True, text=True, env=env)

@@ -309,17 +309,17 @@ def time_arms(results: Dict[str, Dict[str, Any]], images: torch.Tensor, labels: 
     from pydecouple.benchmarking import median_times
     from tqdm.auto import tqdm
 
-    accs = {arm: pydecouple.accelerate(load_arm_model(r)) for arm, r in results.items()}
+    models = {arm: load_arm_model(r).eval() for arm, r in results.items()}
     rows = []
     for dt_name in dtypes:
         dt = getattr(torch, dt_name)
         forms = {}
-        for arm, a in accs.items():
+        for arm, model in models.items():
             for layout in ("nchw", "channels_last"):
-                m = copy.deepcopy(a).to(dt)
-                if layout == "channels_last":
-                    m = m.to(memory_format=torch.channels_last)
-                forms[(arm, layout)] = m
+                # accelerate's own dtype/layout conversion: weights rounded once from the folded float32
+                # values, a gate's MLP kept float32 (a plain .to(bfloat16) of the accelerated model is refused)
+                forms[(arm, layout)] = pydecouple.accelerate(
+                    model, dtype=None if dt == torch.float32 else dt, channels_last=layout == "channels_last")
         fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
         acc_at: Dict[Tuple[str, str], float] = {}
         n_acc = min(acc_images, len(images))
@@ -482,11 +482,11 @@ def plot(rows: List[Dict[str, Any]], png: Path, title: str, note: str = "") -> N
     handles, labels = axes[0].get_legend_handles_labels()
     grid[1, 0].legend(handles, labels, loc="upper center", fontsize=9,
                       title="arms (error bars: sd over seeds)\nlabels: FLOPs target (prune) / rho (dec)")
-    if note:
-        grid[1, 0].text(0.5, 0.02, note, transform=grid[1, 0].transAxes, ha="center", va="bottom", fontsize=8,
-                        wrap=True)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    if note:  # after tight_layout, which would otherwise squeeze the panels to make room for it
+        box = grid[1, 0].get_position()
+        fig.text(box.x0, box.y0, note, ha="left", va="bottom", fontsize=7.5)
     fig.savefig(png, dpi=110)
     plt.close(fig)
     print(f"wrote {png}")
@@ -570,9 +570,9 @@ def main(argv=None) -> int:
               f"`ep=`/`lr=`; base: {cfg['base']['epochs']} dense epochs.")
     seeds = sorted({r["seeds"] for r in rows})
     eps = sorted({r["ft_epochs"] for r in rows if r["kind"] != "dense" and r["ft_epochs"]})
-    note = (f"accuracy: mean of {'/'.join(map(str, seeds))} seed(s) per arm; fine-tuning "
+    note = (f"accuracy: mean of {'/'.join(map(str, seeds))} seed(s) per arm;\nfine-tuning "
             f"{'/'.join(map(str, eps))} epoch(s) for every arm after {cfg['base']['epochs']} dense ones.\n"
-            f"latency: seed 0's model through pydecouple.accelerate, median of {args.repeats} interleaved rounds, "
+            f"latency: seed 0's model through pydecouple.accelerate,\nmedian of {args.repeats} interleaved rounds, "
             f"best of NCHW / channels_last,\n{desc['threads']} thread(s) on a shared machine ({desc['date']}).")
     write_table(rows, out, header)
     plot(rows, out.with_suffix(".png"), f"{args.data}: accuracy against FLOPs and measured CPU latency "
