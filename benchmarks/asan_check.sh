@@ -11,8 +11,9 @@
 # the compiled ops run with libasan preloaded into the (uninstrumented) Python
 # and DEST first on PYTHONPATH. The script checks that pydecouple._C is the
 # ASan build from DEST before running anything. PY overrides the interpreter
-# (default: the repository's .venv). Exit status: pytest's; ASan aborts the
-# process (halt_on_error=1) at its first report, which then ends the log.
+# (default: the repository's .venv). Exit status: pytest's, or 1 with an ASan
+# report; ASan ends the process (halt_on_error=1) at its first report, which
+# is printed from DEST/asan-logs at the end.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,9 +36,15 @@ cd "$DEST"
 # One compile job at a time: the machine is shared.
 PYDECOUPLE_ASAN=1 PYDECOUPLE_CUDA=0 MAX_JOBS=1 nice -n 10 "$PY" setup.py build_ext --inplace
 
-LIBASAN=$(gcc -print-file-name=libasan.so)
-export LD_PRELOAD=$LIBASAN
-export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1
+# libstdc++ is preloaded after libasan: python does not link it, so at ASan's
+# start the real __cxa_throw is not found, and the first C++ exception (any
+# TORCH_CHECK reaching the dispatcher) dies in "CHECK failed:
+# asan_interceptors.cpp:320 real___cxa_throw != 0" (exit 1), not an ASan finding.
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+# Reports go to files: pytest captures stderr, and a report that ends the process is lost with it.
+LOGDIR=$DEST/asan-logs
+rm -rf "$LOGDIR" && mkdir -p "$LOGDIR"
+export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path=$LOGDIR/asan
 export PYTHONPATH=$DEST
 
 # The ASan build from DEST must be the one imported (not an installed or editable copy).
@@ -52,4 +59,12 @@ with open(C.__file__, "rb") as f:
     assert b"__asan_init" in f.read(), "pydecouple._C is not an ASan build"
 EOF
 
-exec nice -n 10 "$PY" -m pytest -p no:cacheprovider -q "${TESTS[@]}"
+rc=0
+nice -n 10 "$PY" -m pytest -p no:cacheprovider -q "${TESTS[@]}" || rc=$?
+if compgen -G "$LOGDIR/asan.*" >/dev/null; then
+    echo "ASan reports ($LOGDIR):"; cat "$LOGDIR"/asan.*
+    [ $rc -ne 0 ] || rc=1
+else
+    echo "no ASan report"
+fi
+exit $rc
