@@ -255,13 +255,18 @@ def test_dispatch_prefers_dense_when_everything_is_kept(monkeypatch):
     assert pydecouple._backend.choose(x, w, full, full, 1) == "dense"
     if pydecouple.extension_available():
         assert pydecouple._backend.choose(x, w, half, half, 1) == "cpu"
-    # At a larger batch the crossover is lower: 0.875 * 0.875 kept runs dense, 0.5 * 0.5 the kernel.
-    xb = torch.randn(32, 8, 5, 5)
-    most = torch.arange(8).expand(32, 8) < 7
-    halfb = torch.arange(8).expand(32, 8) < 4
-    assert pydecouple._backend.choose(xb, w, most, most, 1) == "dense"
+    # At a larger batch the crossover is lower: 0.875 * 0.875 kept runs dense, 0.5 * 0.5 the kernel
+    # (a 128-filter layer on 8x8 images: gating_threshold 0.45).
+    xb, wb = torch.randn(32, 128, 8, 8), torch.randn(128, 128, 3, 3)
+    most = torch.arange(128).expand(32, 128) < 112
+    halfb = torch.arange(128).expand(32, 128) < 64
+    assert pydecouple._backend.choose(xb, wb, most, most, 1) == "dense"
     if pydecouple.extension_available():
-        assert pydecouple._backend.choose(xb, w, halfb, halfb, 1) == "cpu"
+        assert pydecouple._backend.choose(xb, wb, halfb, halfb, 1) == "cpu"
+    # A layer of 8 filters at batch 32: a sample's kept filters fill less than one vector, dense at 0.25 too.
+    x8 = torch.randn(32, 8, 5, 5)
+    half8 = torch.arange(8).expand(32, 8) < 4
+    assert pydecouple._backend.choose(x8, w, half8, half8, 1) == "dense"
 
 
 def test_dense_fallback_skips_masks_that_are_all_on():
