@@ -33,14 +33,11 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import pydecouple
 import pydecouple.isa
-from pydecouple.benchmarking import fixed_count_mask, machine_description, machine_header, markdown_table, \
-    median_times, write_csv
-from pydecouple.reference import gated_conv2d_reference
+from pydecouple.benchmarking import bench_layer, machine_description, machine_header, markdown_table, write_csv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HELDOUT, RESNET_IMAGENET, VGG16_CIFAR  # noqa: E402  (the layer sets, shared with the CUDA benchmark)
@@ -52,63 +49,6 @@ def measure_peak(dtype: torch.dtype) -> float:
     """GFLOP/s of the register-only multiply-add loop on every thread (0: not measurable here)."""
     kind = "bf16" if dtype == torch.bfloat16 else "f32"
     return float(torch.ops.pydecouple.cpu_peak_gflops(kind, 400))
-
-
-def bench_case(name, cin, cout, h, k, batch, f, dtype, repeats, gen, peak):
-    pad = k // 2
-    x = torch.randn(batch, cin, h, h, generator=gen).to(dtype)
-    w = (torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5).to(dtype)
-    b = torch.randn(cout, generator=gen).to(dtype)
-    om, im = fixed_count_mask(batch, cout, f, gen), fixed_count_mask(batch, cin, f, gen)
-    ki, ko = int(im[0].sum()), int(om[0].sum())
-    x_cut = torch.randn(batch, ki, h, h, generator=gen).to(dtype)
-    w_cut = torch.randn(ko, ki, k, k, generator=gen).to(dtype)
-    cl = torch.channels_last
-    xc, wc, xcc, wcc = x.to(memory_format=cl), w.to(memory_format=cl), x_cut.to(memory_format=cl), \
-        w_cut.to(memory_format=cl)
-    omf = om[:, :, None, None].to(dtype)
-
-    # A benchmark of a wrong result is worthless: check the pinned kernel first.
-    ref = gated_conv2d_reference(x.double(), w.double(), b.double(), om, im, (1, 1), (pad,) * 4, (1, 1), 1)
-    for xin in (x, xc):
-        got = pydecouple.gated_conv2d(xin, w, b, om, im, padding=pad, backend="cpu").double()
-        tol = 1e-3 if dtype == torch.float32 else 0.1 * float(ref.abs().max()) / 8
-        torch.testing.assert_close(got, ref, atol=tol, rtol=tol if dtype == torch.float32 else 0.02)
-
-    fns = {
-        "dense_nchw": lambda: F.conv2d(x, w, b, padding=pad) * omf,
-        "dense_cl": lambda: F.conv2d(xc, wc, b, padding=pad) * omf,
-        "gated_nchw": lambda: pydecouple.gated_conv2d(x, w, b, om, im, padding=pad),
-        "gated_cl": lambda: pydecouple.gated_conv2d(xc, w, b, om, im, padding=pad),
-        "kernel_nchw": lambda: pydecouple.gated_conv2d(x, w, b, om, im, padding=pad, backend="cpu"),
-        "kernel_cl": lambda: pydecouple.gated_conv2d(xc, w, b, om, im, padding=pad, backend="cpu"),
-        "cut_nchw": lambda: F.conv2d(x_cut, w_cut, padding=pad),
-        "cut_cl": lambda: F.conv2d(xcc, wcc, padding=pad),
-    }
-    with torch.no_grad():
-        t = dict(zip(fns, median_times(list(fns.values()), repeats=repeats, min_time=0.02)))
-
-    def best(prefix):
-        a, c = t[prefix + "_nchw"], t[prefix + "_cl"]
-        return (a, "nchw") if a <= c else (c, "cl")
-
-    dense, dense_layout = best("dense")
-    gated, gated_layout = best("gated")
-    kernel, kernel_layout = best("kernel")
-    cut, _ = best("cut")
-    useful = 2.0 * batch * ki * ko * k * k * h * h
-    return {
-        "layer": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "f": f, "kept_in": ki,
-        "kept_out": ko, "dense_ms": dense * 1e3, "dense_layout": dense_layout,
-        "dense_nchw_ms": t["dense_nchw"] * 1e3, "dense_cl_ms": t["dense_cl"] * 1e3,
-        "gated_ms": gated * 1e3, "gated_layout": gated_layout, "kernel_ms": kernel * 1e3,
-        "kernel_layout": kernel_layout, "cut_ms": cut * 1e3,
-        "speedup": dense / gated, "kernel_speedup": dense / kernel, "ideal": (cin * cout) / (ki * ko),
-        "cut_limit": dense / cut, "backend": pydecouple._backend.choose(x, w, om, im, 1),
-        "dense_gflops": 2.0 * batch * cin * cout * k * k * h * h / dense / 1e9,
-        "kernel_gflops": useful / kernel / 1e9,
-        "kernel_peak_frac": (useful / kernel / 1e9) / peak if peak > 0 else float("nan"),
-    }
 
 
 def summarize(rows, names):
@@ -169,7 +109,7 @@ def main(argv=None) -> int:
     rows = []
     jobs = [(lay, b, f, dt) for dt in dtypes for b in batches for lay in layers for f in fractions]
     for (name, cin, cout, h, k), batch, f, dt in tqdm(jobs, desc="layers", unit="case"):
-        rows.append(bench_case(name, cin, cout, h, k, batch, f, dt, args.repeats, gen, peaks[dt]))
+        rows.append(bench_layer(name, cin, cout, h, k, batch, f, args.repeats, gen, dt, peaks[dt]))
     write_csv(os.path.join(args.out, f"{args.name}.csv"), rows)
     cols = ["layer", "dtype", "batch", "f", "dense_ms", "dense_layout", "gated_ms", "speedup", "kernel_speedup",
             "kernel_gflops", "kernel_peak_frac", "ideal", "cut_limit", "backend"]

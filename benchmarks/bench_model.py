@@ -288,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="file stem under --out (default: model_<arch>[_kept<k>])")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.upsample < 1:
+        p.error(f"argument --upsample: must be an integer >= 1, got {args.upsample}")
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -107,29 +107,39 @@ def fixed_count_mask(n: int, c: int, f: float, gen: torch.Generator) -> torch.Te
 
 
 def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: float, repeats: int,
-                gen: torch.Generator) -> Dict[str, object]:
-    """Time one float32 layer against the dense conv a user would run.
+                gen: torch.Generator, dtype: torch.dtype = torch.float32, peak: float = 0.0) -> Dict[str, object]:
+    """Time one layer against the dense conv a user would run (the one
+    implementation behind benchmarks/bench_gated_conv.py and the demo).
 
-    The baseline of ``speedup`` is dense ``F.conv2d`` (+ the out-mask) on NCHW
-    *and* on channels_last input, the faster of the two (``dense_layout``), as
-    in benchmarks/bench_gated_conv.py. Timed alongside: gated_conv2d (automatic
-    dispatch) and the same with the CPU kernel pinned (``backend="cpu"``), each
-    in its faster layout, and dense conv on the problem cut to the kept counts
-    (``cut_limit``)."""
+    The baseline of ``speedup`` is dense ``F.conv2d`` (+ the out-mask) in
+    ``dtype`` on NCHW *and* on channels_last input, the faster of the two
+    (``dense_layout``). Timed alongside: gated_conv2d (automatic dispatch) and
+    the same with the CPU kernel pinned (``backend="cpu"``), each in its faster
+    layout, and dense conv on the problem cut to the kept counts
+    (``cut_limit``). ``peak``: the machine's GFLOP/s in ``dtype`` for
+    ``kernel_peak_frac`` (0: not reported)."""
     import pydecouple
     from pydecouple.reference import gated_conv2d_reference
 
     pad = k // 2
-    x = torch.randn(batch, cin, h, h, generator=gen)
-    w = torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5
-    b = torch.randn(cout, generator=gen)
+    x = torch.randn(batch, cin, h, h, generator=gen).to(dtype)
+    w = (torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, generator=gen).to(dtype)
     om, im = fixed_count_mask(batch, cout, f, gen), fixed_count_mask(batch, cin, f, gen)
     ki, ko = int(im[0].sum()), int(om[0].sum())
-    x_cut, w_cut = torch.randn(batch, ki, h, h, generator=gen), torch.randn(ko, ki, k, k, generator=gen)
+    x_cut = torch.randn(batch, ki, h, h, generator=gen).to(dtype)
+    w_cut = torch.randn(ko, ki, k, k, generator=gen).to(dtype)
     cl = torch.channels_last
     xc, wc, xcc, wcc = x.to(memory_format=cl), w.to(memory_format=cl), x_cut.to(memory_format=cl), \
         w_cut.to(memory_format=cl)
-    omf = om[:, :, None, None].float()
+    omf = om[:, :, None, None].to(dtype)
+
+    # A benchmark of a wrong result is worthless: check the pinned kernel first, in both layouts.
+    ref = gated_conv2d_reference(x.double(), w.double(), b.double(), om, im, (1, 1), (pad,) * 4, (1, 1), 1)
+    for xin in (x, xc):
+        got = pydecouple.gated_conv2d(xin, w, b, om, im, padding=pad, backend="cpu").double()
+        tol = 1e-3 if dtype == torch.float32 else 0.1 * float(ref.abs().max()) / 8
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol if dtype == torch.float32 else 0.02)
 
     fns = {
         "dense_nchw": lambda: F.conv2d(x, w, b, padding=pad) * omf,
@@ -142,10 +152,6 @@ def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: f
         "cut_nchw": lambda: F.conv2d(x_cut, w_cut, padding=pad),
         "cut_cl": lambda: F.conv2d(xcc, wcc, padding=pad),
     }
-    # A benchmark of a wrong result is worthless: check before timing, in both layouts.
-    ref = gated_conv2d_reference(x, w, b, om, im, (1, 1), (pad,) * 4, (1, 1), 1)
-    for key in ("kernel_nchw", "kernel_cl"):
-        torch.testing.assert_close(fns[key](), ref, atol=1e-3, rtol=1e-3)
     with torch.no_grad():
         t = dict(zip(fns, median_times(list(fns.values()), repeats=repeats, min_time=0.02)))
 
@@ -155,19 +161,20 @@ def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: f
 
     (t_dense, dense_layout), (t_gated, gated_layout) = best("dense"), best("gated")
     (t_kernel, kernel_layout), (t_cut, _) = best("kernel"), best("cut")
-    backend = pydecouple._backend.choose(x, w, om, im, 1)
-    flops_dense = 2.0 * batch * cin * cout * k * k * h * h
+    useful = 2.0 * batch * ki * ko * k * k * h * h
+    dt = str(dtype).replace("torch.", "")
     return {
-        "layer": name, "batch": batch, "f": f, "kept_in": ki, "kept_out": ko,
+        "layer": name, "dtype": dt, "batch": batch, "f": f, "kept_in": ki, "kept_out": ko,
         "dense_ms": t_dense * 1e3, "dense_layout": dense_layout, "dense_nchw_ms": t["dense_nchw"] * 1e3,
-        "dense_cl_ms": t["dense_cl"] * 1e3, "baseline": f"dense F.conv2d float32, {dense_layout} (faster of NCHW and "
-        "channels_last)",
+        "dense_cl_ms": t["dense_cl"] * 1e3,
+        "baseline": f"dense F.conv2d {dt}, {dense_layout} (faster of NCHW and channels_last)",
         "gated_ms": t_gated * 1e3, "gated_layout": gated_layout, "kernel_ms": t_kernel * 1e3,
         "kernel_layout": kernel_layout, "cut_ms": t_cut * 1e3,
         "speedup": t_dense / t_gated, "kernel_speedup": t_dense / t_kernel, "ideal": (cin * cout) / (ki * ko),
-        "cut_limit": t_dense / t_cut, "backend": backend,
-        "dense_gflops": flops_dense / t_dense / 1e9,
-        "kernel_gflops": flops_dense * ki * ko / (cin * cout) / t_kernel / 1e9,
+        "cut_limit": t_dense / t_cut, "backend": pydecouple._backend.choose(x, w, om, im, 1),
+        "dense_gflops": 2.0 * batch * cin * cout * k * k * h * h / t_dense / 1e9,
+        "kernel_gflops": useful / t_kernel / 1e9,
+        "kernel_peak_frac": useful / t_kernel / 1e9 / peak if peak > 0 else float("nan"),
     }
 
 
