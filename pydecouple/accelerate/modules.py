@@ -322,6 +322,8 @@ class AccelEntry(_NoScript, nn.Module):
         self.channels_last = bool(channels_last)
         self.executor = executor
         self._traces: "dict" = {}
+        # The layers whose probes force the eager path, listed once (not walked on every call).
+        self._layers = [m for m in inner.modules() if isinstance(m, AccelConv)]
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, channels_last={self.channels_last}, executor={self.executor!r}"
@@ -333,7 +335,7 @@ class AccelEntry(_NoScript, nn.Module):
     def _traced(self, x: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         if (self.executor != "trace" or torch.is_grad_enabled() or _backend.capturing()
                 or torch._C._is_any_autocast_enabled()
-                or any(m.probe is not None for m in self.inner.modules() if isinstance(m, AccelConv))):
+                or any(m.probe is not None for m in self._layers)):
             return None
         key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
         fn = self._traces.get(key)
