@@ -254,8 +254,7 @@ def mask_fraction(m: Optional[torch.Tensor]) -> float:
     return kept / m.numel()
 
 
-def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0,
-                     width: int = 0) -> float:
+def gating_threshold(batch: int, hw: int, depth: int = 0, width: int = 0) -> float:
     """The kept fraction f_in * f_out at or below which the CPU kernel runs;
     above it the dispatcher runs dense conv and applies the mask.
 
@@ -266,7 +265,7 @@ def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, de
     pinned kernel falls to 0.85x of the best dense layout (dense conv + the
     mask it then needs costs about 1.15x dense), interpolated between f = 1,
     0.75, 0.5 and 0.25. Each value is at or below the smallest crossover of
-    its class; all kept (1.0) is always dense.
+    its class in either dtype; all kept (1.0) is always dense.
 
     - ``width`` (output channels) <= 16 at batch > 4: a sample's kept filters
       fill less than one 16-lane vector (kernel 0.6-0.85x of dense at f = 0.5);
@@ -296,10 +295,9 @@ def gating_threshold(batch: int, hw: int, dtype: torch.dtype = torch.float32, de
     return 0.45 if 0 < depth <= 128 else 0.65
 
 
-def kernel_pays(kept: float, batch: int, hw: int, dtype: torch.dtype = torch.float32, depth: int = 0,
-                width: int = 0) -> bool:
+def kernel_pays(kept: float, batch: int, hw: int, depth: int = 0, width: int = 0) -> bool:
     """Whether the CPU kernel is expected to beat dense conv at this kept fraction."""
-    return kept <= gating_threshold(batch, hw, dtype, depth, width)
+    return kept <= gating_threshold(batch, hw, depth, width)
 
 
 def gating_pays(x, weight, out_mask, in_mask, groups) -> bool:
@@ -307,8 +305,7 @@ def gating_pays(x, weight, out_mask, in_mask, groups) -> bool:
     if out_mask is None and in_mask is None:
         return False
     co, ci, kh, kw = weight.shape
-    return kernel_pays(kept_fraction(x, out_mask, in_mask), x.shape[0], x.shape[2] * x.shape[3], x.dtype,
-                       ci * kh * kw, co)
+    return kernel_pays(kept_fraction(x, out_mask, in_mask), x.shape[0], x.shape[2] * x.shape[3], ci * kh * kw, co)
 
 
 def requested() -> Optional[str]:
@@ -371,7 +368,7 @@ def choose(x, weight, out_mask, in_mask, groups, *, backend: Optional[str] = Non
             kept = kept_fraction(x, out_mask, in_mask)
         n, _, h, w = x.shape
         co, ci, kh, kw = weight.shape
-        return "cpu" if kept <= gating_threshold(n, h * w, x.dtype, ci * kh * kw, co) else "dense"
+        return "cpu" if kept <= gating_threshold(n, h * w, ci * kh * kw, co) else "dense"
     dev = x.device.type
     if dev == "cuda" and out_mask is None and in_mask is None:
         # Everything kept, known without reading a mask (no host sync): cuDNN.
@@ -439,7 +436,7 @@ def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: to
     if backend == AUTO:
         n, _, h, w = x.shape
         co, ci, kh, kw = weight.shape
-        dense_above = gating_threshold(n, h * w, x.dtype, ci * kh * kw, co)
+        dense_above = gating_threshold(n, h * w, ci * kh * kw, co)
     elif backend == "cpu":
         dense_above = 2.0  # the kernel for every kept fraction
     elif backend == "dense":
