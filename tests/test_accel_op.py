@@ -73,3 +73,16 @@ def test_accel_conv_rejects_bad_gate_parameters():
     with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'residual' must be a CPU tensor of shape"):
         torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True,
                                             torch.randn(2, 12, 5, 5), False, 0.5)
+
+
+def test_accel_conv_rejects_bad_masks_and_bias():
+    x, w, b, w1, b1, w2, b2 = _case(2, 8, 12, 6, 3, torch.float32)
+    bad_in = torch.ones(2, 7, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'in_mask' must be bool of shape \(2, 8\), got "
+                                           r"Bool \[2, 7\]"):
+        torch.ops.pydecouple.accel_conv_cpu(x, bad_in, w, b, w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True,
+                                            None, False, 0.5)
+    with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'bias' must be Float of shape \(12,\), got "
+                                           r"Double \[12\]"):
+        torch.ops.pydecouple.accel_conv_cpu(x, None, w, b.double(), w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True,
+                                            None, False, 0.5)

@@ -65,3 +65,10 @@ def test_executor_argument_is_checked_before_conversion():
     model, _ = make_model("small_vgg", 3, 32, 1)
     with pytest.raises(ValueError, match="argument 'executor' must be one of .*got 'jit'"):
         accelerate(model, executor="jit")
+
+
+def test_dtype_argument_is_named_when_wrong():
+    model, _ = make_model("small_vgg", 3, 32, 1)
+    with pytest.raises(ValueError, match=r"accelerate: argument 'dtype' must be torch.float32, torch.bfloat16 or "
+                                         r"torch.float16, got torch.int32"):
+        accelerate(model, dtype=torch.int32)
