@@ -43,42 +43,6 @@ void check_param(const at::Tensor& t, const char* name, std::initializer_list<in
               ", got ", dtype_name(t.scalar_type()), " ", t.sizes());
 }
 
-// The dense route's epilogue in one pass over y (in place): y = m * relu?(y),
-// then y = relu?(y + residual). Four ATen calls were four passes over the
-// output: 20-25% on top of oneDNN's conv on a CIFAR ResNet layer.
-// y: NCHW- or NHWC-contiguous; residual (optional) in y's layout.
-template <typename T>
-void dense_epilogue(at::Tensor& y, const bool* mask, bool relu, const at::Tensor& residual, bool residual_relu) {
-  const int64_t N = y.size(0), O = y.size(1), P = y.size(2) * y.size(3);
-  T* yp = y.data_ptr<T>();
-  const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
-  const bool nhwc = !y.is_contiguous();
-  auto one = [&](int64_t i, bool keep) {
-    float v = keep ? static_cast<float>(yp[i]) : 0.f;
-    if (relu && v < 0.f) v = 0.f;
-    if (rp) {
-      v += static_cast<float>(rp[i]);
-      if (residual_relu && v < 0.f) v = 0.f;
-    }
-    yp[i] = static_cast<T>(v);
-  };
-  if (!nhwc) {  // planes of P positions per (n, o)
-    at::parallel_for(0, N * O, 1, [&](int64_t b, int64_t e) {
-      for (int64_t no = b; no < e; ++no) {
-        const bool keep = mask[no];
-        for (int64_t i = no * P; i < (no + 1) * P; ++i) one(i, keep);
-      }
-    });
-  } else {  // rows of O channels per (n, position)
-    at::parallel_for(0, N * P, 1, [&](int64_t b, int64_t e) {
-      for (int64_t np = b; np < e; ++np) {
-        const bool* m = mask + (np / P) * O;
-        for (int64_t o = 0; o < O; ++o) one(np * O + o, m[o]);
-      }
-    });
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
@@ -137,10 +101,7 @@ std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
         ? residual.to(y.scalar_type()).contiguous(y.is_contiguous() ? at::MemoryFormat::Contiguous
                                                                     : at::MemoryFormat::ChannelsLast)
         : at::Tensor();
-    const at::Tensor m = mask.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "accel_conv_cpu_epilogue", [&] {
-      dense_epilogue<scalar_t>(y, m.const_data_ptr<bool>(), relu, res, residual_relu);
-    });
+    dense_mask_epilogue(y, mask.contiguous(), relu, res, residual_relu);
   } else {
     y = gated_conv2d_gemm(x, weight, bias, mask, in_mask, s, relu, nhwc, residual, residual_relu);
   }

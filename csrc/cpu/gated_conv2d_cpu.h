@@ -23,5 +23,12 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
                              bool nhwc_out, const at::Tensor& residual, bool residual_relu);
 
+// The dense route's epilogue in place, one pass, with the kernels of the
+// CPU's instruction set: y = mask * relu?(y), then y = relu?(y + residual).
+// y: a dense conv's output, NCHW- or NHWC-contiguous; mask: bool (N, O);
+// residual (optional): y's shape, layout and dtype.
+void dense_mask_epilogue(at::Tensor& y, const at::Tensor& mask, bool relu, const at::Tensor& residual,
+                         bool residual_relu);
+
 }  // namespace cpu
 }  // namespace pydecouple

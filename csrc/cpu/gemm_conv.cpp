@@ -125,6 +125,30 @@ Elem compute_type(CpuPath path, Elem xt) {
 
 const char* gemm_path_name() { return path_name(current_path()); }
 
+void dense_mask_epilogue(at::Tensor& y, const at::Tensor& mask, bool relu, const at::Tensor& residual,
+                         bool residual_relu) {
+  const int64_t N = y.size(0), O = y.size(1), P = y.size(2) * y.size(3);
+  const bool nhwc = !y.is_contiguous();
+  TORCH_INTERNAL_ASSERT(nhwc ? y.is_contiguous(at::MemoryFormat::ChannelsLast) : y.is_contiguous());
+  TORCH_INTERNAL_ASSERT(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == N * O);
+  if (residual.defined()) {
+    TORCH_INTERNAL_ASSERT(residual.scalar_type() == y.scalar_type() && residual.sizes() == y.sizes() &&
+                          (nhwc ? residual.is_contiguous(at::MemoryFormat::ChannelsLast) : residual.is_contiguous()));
+  }
+  // The gathers' instruction set (the oneDNN paths borrow the host's own).
+  const EngineKernels k = kernels_for(current_path(), Elem::f32);
+  const Elem t = elem_of(y.scalar_type());
+  void* yp = y.data_ptr();
+  const void* rp = residual.defined() ? residual.const_data_ptr() : nullptr;
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+  const int64_t rows = nhwc ? N * P : N * O, len = nhwc ? O : P;
+  // Rows of a few thousand elements per task: small layers stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    k.mask_epilogue(yp, t, mp, O, P, nhwc, relu, rp, residual_relu, b, e);
+  });
+}
+
 at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
                              bool nhwc_out, const at::Tensor& residual_in, bool residual_relu) {

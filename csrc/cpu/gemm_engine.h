@@ -130,6 +130,15 @@ struct EngineKernels {
   // (0, or relu?(residual)); then c0 = 0 and c1 = ko.
   void (*epilogue)(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilters& kf, int64_t c0, int64_t c1,
                    bool write_deselected, const ConvShape& s, const Epilogue& e);
+
+  // The dense route's epilogue, in place over a dense conv's output y of
+  // type t: v = keep ? relu?(y) : 0, then (with a residual, in y's layout and
+  // type) v = relu?(v + residual). NCHW: planes [b, e) of P positions, plane
+  // i = n * O + o kept where mask[i]; NHWC: rows [b, e) of O channels, row
+  // i = n * P + p, channel o kept where mask[(i / P) * O + o]. mask: (N, O)
+  // bytes, 0 or 1. One pass over y (the four ATen calls it replaces were four).
+  void (*mask_epilogue)(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, bool relu,
+                        const void* residual, bool residual_relu, int64_t b, int64_t e);
 };
 
 // The bfloat16 GEMM on vdpbf16ps (gemm_engine_avx512bf16.cpp): A [M][K]

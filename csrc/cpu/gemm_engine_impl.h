@@ -677,6 +677,54 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
 #endif
 }
 
+// ----------------------------------------------------------------------------- the dense route's epilogue
+
+void mask_epilogue(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, bool relu,
+                   const void* residual, bool residual_relu, int64_t b, int64_t e) {
+  const int64_t es = elem_bytes(t);
+  char* yb = static_cast<char*>(y);
+  const char* rb = static_cast<const char*>(residual);
+  const int64_t len = nhwc ? O : P;  // elements per row (NHWC) or plane (NCHW)
+#if ENGINE_ISA >= 2
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = b; i < e; ++i) {
+    char* row = yb + i * len * es;
+    const char* rrow = rb ? rb + i * len * es : nullptr;
+    const uint8_t* m = nhwc ? mask + (i / P) * O : nullptr;
+    const bool plane_kept = nhwc || mask[i];
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 lanes = tail_mask(len - j);
+      // Kept lanes: the plane's one decision (NCHW) or 16 channels' (NHWC).
+      __mmask16 keep = plane_kept ? lanes : __mmask16(0);
+      if (nhwc) keep = _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, m + j), _mm_setzero_si128());
+      __m512 v = keep ? load16(row + j * es, t, keep) : zero;
+      if (relu) v = _mm512_max_ps(v, zero);
+      if (rrow) {
+        v = _mm512_add_ps(v, load16(rrow + j * es, t, lanes));
+        if (residual_relu) v = _mm512_max_ps(v, zero);
+      }
+      store16(row + j * es, t, v, lanes);
+    }
+  }
+#else
+  for (int64_t i = b; i < e; ++i) {
+    char* row = yb + i * len * es;
+    const char* rrow = rb ? rb + i * len * es : nullptr;
+    const uint8_t* m = nhwc ? mask + (i / P) * O : nullptr;
+    for (int64_t j = 0; j < len; ++j) {
+      const bool keep = nhwc ? m[j] != 0 : mask[i] != 0;
+      float v = keep ? load_elem(row, j, t) : 0.0f;
+      if (relu) v = std::max(v, 0.0f);
+      if (rrow) {
+        v += load_elem(rrow, j, t);
+        if (residual_relu) v = std::max(v, 0.0f);
+      }
+      store_elem(row, j, t, v);
+    }
+  }
+#endif
+}
+
 }  // namespace
 }  // namespace ENGINE_NS
 }  // namespace cpu
@@ -689,7 +737,7 @@ namespace ENGINE_NS {
 // This instruction set's kernels for float32 compute.
 inline const EngineKernels* kernels_f32() {
   static const EngineKernels k = {ENGINE_NAME, Elem::f32, &gather_input, &im2col, &gather_weight_f32, &gemm_f32,
-                                  &epilogue};
+                                  &epilogue, &mask_epilogue};
   return &k;
 }
 
