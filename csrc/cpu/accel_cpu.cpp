@@ -5,9 +5,9 @@
 // fraction; the dispatcher; the conv. At batch 1 that Python (~35-45 us) cost
 // as much as the conv it saved. Here, in C++:
 //
-//   gate:  z = mean_hw(x) (float32), m = W2 relu(W1 z + b1) + b2 > 0
-//          (float32 whatever x's dtype, so masks agree with the float32
-//          model's except where a logit is within rounding of 0)
+//   gate:  z = mean_hw(x) (accumulated in double), m = W2 relu(W1 z + b1)
+//          + b2 > 0 in float32 whatever x's dtype, in plain loops (ATen's
+//          mean/addmm/gt cost ~50 us a layer at batch 1)
 //   route: kept = mean(in_mask) * mean(m); above `dense_above` (the layer's
 //          measured crossover) the dense conv runs, else the GEMM engine
 //   conv:  y = m * relu?(conv(x) + bias), then y = relu?(y + residual)
@@ -21,13 +21,75 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "gated_conv2d_cpu.h"
 
 namespace pydecouple {
 namespace cpu {
 namespace {
+
+// z[n][c] = mean over positions of x[n][c], accumulated in double (a mask
+// then differs from the float32 model's only where a logit is within float32
+// rounding of 0, whichever order that model summed in).
+template <typename T>
+void channel_means(const T* x, int64_t N, int64_t C, int64_t P, bool nhwc, float* z) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C * P, 1));
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    std::vector<double> acc(C);
+    for (int64_t n = b; n < e; ++n) {
+      const T* xn = x + n * C * P;
+      if (nhwc) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t p = 0; p < P; ++p) {
+          const T* row = xn + p * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(static_cast<float>(row[c]));
+        }
+        for (int64_t c = 0; c < C; ++c) z[n * C + c] = P ? static_cast<float>(acc[c] / P) : 0.f;
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* plane = xn + c * P;
+          double sum = 0.0;
+          for (int64_t p = 0; p < P; ++p) sum += static_cast<double>(static_cast<float>(plane[p]));
+          z[n * C + c] = P ? static_cast<float>(sum / P) : 0.f;
+        }
+      }
+    }
+  });
+}
+
+// The gate's MLP per sample, in float32 loops (at batch 1 the six ATen calls
+// it replaces cost ~50 us a layer, as much as a small conv):
+// mask[n][o] = W2 relu(W1 z[n] + b1) + b2 > 0. Returns the kept count.
+int64_t gate_mlp(const float* z, int64_t N, int64_t C, const at::Tensor& w1, const at::Tensor& b1,
+                 const at::Tensor& w2, const at::Tensor& b2, bool* mask) {
+  const int64_t hid = w1.size(0), O = w2.size(0);
+  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous(), b1c = b1.contiguous(), b2c = b2.contiguous();
+  const float *W1 = w1c.const_data_ptr<float>(), *W2 = w2c.const_data_ptr<float>();
+  const float *B1 = b1c.const_data_ptr<float>(), *B2 = b2c.const_data_ptr<float>();
+  std::vector<float> h(hid);
+  int64_t kept = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* zn = z + n * C;
+    for (int64_t j = 0; j < hid; ++j) {
+      float a = B1[j];
+      const float* w = W1 + j * C;
+      for (int64_t c = 0; c < C; ++c) a += w[c] * zn[c];
+      h[j] = a > 0.f ? a : 0.f;
+    }
+    for (int64_t o = 0; o < O; ++o) {
+      float a = B2[o];
+      const float* w = W2 + o * hid;
+      for (int64_t j = 0; j < hid; ++j) a += w[j] * h[j];
+      const bool keep = a > 0.f;
+      mask[n * O + o] = keep;
+      kept += keep;
+    }
+  }
+  return kept;
+}
 
 double kept_fraction(const at::Tensor& mask) {
   const bool* p = mask.const_data_ptr<bool>();
@@ -79,12 +141,17 @@ std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
                 s.Wo, "), got ", residual.sizes());
   }
 
-  // The gate, in float32.
-  const at::Tensor z = at::mean(x, {2, 3}, false, at::kFloat);
-  const at::Tensor h = at::addmm(b1, z, w1.t()).relu_();
-  const at::Tensor mask = at::addmm(b2, h, w2.t()).gt_(0).to(at::kBool);
+  // The gate, in float32 (the means in double).
+  const at::Tensor xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  std::vector<float> z(N * s.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "accel_conv_cpu_gate", [&] {
+    channel_means<scalar_t>(xc.const_data_ptr<scalar_t>(), N, s.C, s.H * s.W, nhwc, z.data());
+  });
+  const at::Tensor mask = at::empty({N, s.O}, x.options().dtype(at::kBool));
+  const int64_t kept_filters = gate_mlp(z.data(), N, s.C, w1, b1, w2, b2, mask.data_ptr<bool>());
 
-  const double kept = kept_fraction(mask) * (in_mask.defined() ? kept_fraction(in_mask) : 1.0);
+  const double kept = (N ? static_cast<double>(kept_filters) / (N * s.O) : 1.0) *
+                      (in_mask.defined() ? kept_fraction(in_mask) : 1.0);
   at::Tensor y;
   if (kept > dense_above || N == 0) {
     // The dense route: PyTorch's convolution (oneDNN), then the epilogue.
