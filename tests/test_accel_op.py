@@ -65,6 +65,27 @@ def test_accel_conv_matches_its_formula(dtype, route, channels_last, n, cin, cou
         assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max() + TOLERANCES[torch.bfloat16]["floor"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("route", [ALWAYS_KERNEL, ALWAYS_DENSE], ids=["kernel", "dense"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_accel_conv_large_gate_takes_the_aten_path_and_matches(dtype, route, channels_last):
+    # Over 2^17 input elements and 2^16 gate multiply-adds: the gate's mean and
+    # MLP run through ATen instead of the op's own loops (the small cases above).
+    n, cin, cout, h = 4, 256, 200, 12
+    x, w, b, w1, b1, w2, b2 = _case(n, cin, cout, h, 1, dtype, hid=64)
+    assert n * cin * h * h > 2 ** 17 and n * 64 * (cin + cout) > 2 ** 16
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y, mask = torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2, b2, [1, 1], [0] * 4, [1, 1], True,
+                                                  None, False, route)
+    ref, ref_mask = _expected(x, w, b, w1, b1, w2, b2, None, 0, True, None, False)
+    assert torch.equal(mask, ref_mask) and 0 < int(mask.sum()) < mask.numel()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+    else:
+        assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max() + TOLERANCES[torch.bfloat16]["floor"]
+
+
 def test_accel_conv_rejects_bad_gate_parameters():
     x, w, b, w1, b1, w2, b2 = _case(2, 8, 12, 6, 3, torch.float32)
     with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'w2' must be a float32 CPU tensor of shape"):

@@ -5,9 +5,9 @@
 // fraction; the dispatcher; the conv. At batch 1 that Python (~35-45 us) cost
 // as much as the conv it saved. Here, in C++:
 //
-//   gate:  z = mean_hw(x) (accumulated in double), m = W2 relu(W1 z + b1)
-//          + b2 > 0 in float32 whatever x's dtype, in plain loops (ATen's
-//          mean/addmm/gt cost ~50 us a layer at batch 1)
+//   gate:  z = mean_hw(x), m = W2 relu(W1 z + b1) + b2 > 0, in float32
+//          whatever x's dtype; small gates in plain loops (ATen's
+//          mean/addmm/gt cost ~50 us a layer at batch 1), large ones in ATen
 //   route: kept = mean(in_mask) * mean(m); above `dense_above` (the layer's
 //          measured crossover) the dense conv runs, else the GEMM engine
 //   conv:  y = m * relu?(conv(x) + bias), then y = relu?(y + residual)
@@ -36,57 +36,83 @@ namespace {
 // rounding of 0, whichever order that model summed in).
 template <typename T>
 void channel_means(const T* x, int64_t N, int64_t C, int64_t P, bool nhwc, float* z) {
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C * P, 1));
-  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-    std::vector<double> acc(C);
-    for (int64_t n = b; n < e; ++n) {
-      const T* xn = x + n * C * P;
-      if (nhwc) {
+  if (P == 0) {
+    std::fill(z, z + N * C, 0.f);
+    return;
+  }
+  if (nhwc) {  // rows of C channels: one running sum per channel (independent chains, vectorised over c)
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C * P, 1));
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      std::vector<double> acc(C);
+      for (int64_t n = b; n < e; ++n) {
         std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t p = 0; p < P; ++p) {
-          const T* row = xn + p * C;
+          const T* row = x + (n * P + p) * C;
           for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(static_cast<float>(row[c]));
         }
-        for (int64_t c = 0; c < C; ++c) z[n * C + c] = P ? static_cast<float>(acc[c] / P) : 0.f;
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const T* plane = xn + c * P;
-          double sum = 0.0;
-          for (int64_t p = 0; p < P; ++p) sum += static_cast<double>(static_cast<float>(plane[p]));
-          z[n * C + c] = P ? static_cast<float>(sum / P) : 0.f;
-        }
+        for (int64_t c = 0; c < C; ++c) z[n * C + c] = static_cast<float>(acc[c] / P);
       }
+    });
+    return;
+  }
+  // Planes of P positions: eight partial sums each (one chain of dependent
+  // double adds was ~70 us on a 64 x 32 x 32 input).
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / P), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* plane = x + i * P;
+      double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t p = 0;
+      for (; p + 8 <= P; p += 8) {
+        for (int k = 0; k < 8; ++k) part[k] += static_cast<double>(static_cast<float>(plane[p + k]));
+      }
+      for (; p < P; ++p) part[p & 7] += static_cast<double>(static_cast<float>(plane[p]));
+      const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      z[i] = static_cast<float>(sum / P);
     }
   });
 }
 
-// The gate's MLP per sample, in float32 loops (at batch 1 the six ATen calls
-// it replaces cost ~50 us a layer, as much as a small conv):
-// mask[n][o] = W2 relu(W1 z[n] + b1) + b2 > 0. Returns the kept count.
-int64_t gate_mlp(const float* z, int64_t N, int64_t C, const at::Tensor& w1, const at::Tensor& b1,
-                 const at::Tensor& w2, const at::Tensor& b2, bool* mask) {
-  const int64_t hid = w1.size(0), O = w2.size(0);
+// A float32 dot product with 16 independent partial sums: vectorisable
+// without reassociation (one running sum is a chain of dependent adds).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int k = 0; k < 16; ++k) part[k] += a[i + k] * b[i + k];
+  }
+  for (; i < n; ++i) part[i & 15] += a[i] * b[i];
+  float s = 0.f;
+  for (int k = 0; k < 16; ++k) s += part[k];
+  return s;
+}
+
+// The gate's MLP, mask[n][o] = W2 relu(W1 z[n] + b1) + b2 > 0, in float32.
+// Small gates (a CIFAR ResNet's, or any at batch 1 up to ~64 channels) in
+// plain loops: ATen's addmm/relu/gt cost ~20 us a layer there, as much as a
+// small conv. Larger ones through addmm (BLAS). Returns the kept count.
+int64_t gate_mlp(const at::Tensor& z, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                 const at::Tensor& b2, at::Tensor& mask) {
+  const int64_t N = z.size(0), C = z.size(1), hid = w1.size(0), O = w2.size(0);
+  bool* m = mask.data_ptr<bool>();
+  if (N * hid * (C + O) > (int64_t{1} << 16)) {
+    const at::Tensor logits = at::addmm(b2, at::addmm(b1, z, w1.t()).relu_(), w2.t());
+    const float* l = logits.const_data_ptr<float>();
+    int64_t kept = 0;
+    for (int64_t i = 0; i < N * O; ++i) kept += (m[i] = l[i] > 0.f);
+    return kept;
+  }
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous(), b1c = b1.contiguous(), b2c = b2.contiguous();
   const float *W1 = w1c.const_data_ptr<float>(), *W2 = w2c.const_data_ptr<float>();
   const float *B1 = b1c.const_data_ptr<float>(), *B2 = b2c.const_data_ptr<float>();
+  const float* zp = z.const_data_ptr<float>();
   std::vector<float> h(hid);
   int64_t kept = 0;
   for (int64_t n = 0; n < N; ++n) {
-    const float* zn = z + n * C;
     for (int64_t j = 0; j < hid; ++j) {
-      float a = B1[j];
-      const float* w = W1 + j * C;
-      for (int64_t c = 0; c < C; ++c) a += w[c] * zn[c];
+      const float a = B1[j] + dot(W1 + j * C, zp + n * C, C);
       h[j] = a > 0.f ? a : 0.f;
     }
-    for (int64_t o = 0; o < O; ++o) {
-      float a = B2[o];
-      const float* w = W2 + o * hid;
-      for (int64_t j = 0; j < hid; ++j) a += w[j] * h[j];
-      const bool keep = a > 0.f;
-      mask[n * O + o] = keep;
-      kept += keep;
-    }
+    for (int64_t o = 0; o < O; ++o) kept += (m[n * O + o] = B2[o] + dot(W2 + o * hid, h.data(), hid) > 0.f);
   }
   return kept;
 }
@@ -141,14 +167,22 @@ std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
                 s.Wo, "), got ", residual.sizes());
   }
 
-  // The gate, in float32 (the means in double).
-  const at::Tensor xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  std::vector<float> z(N * s.C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "accel_conv_cpu_gate", [&] {
-    channel_means<scalar_t>(xc.const_data_ptr<scalar_t>(), N, s.C, s.H * s.W, nhwc, z.data());
-  });
-  const at::Tensor mask = at::empty({N, s.O}, x.options().dtype(at::kBool));
-  const int64_t kept_filters = gate_mlp(z.data(), N, s.C, w1, b1, w2, b2, mask.data_ptr<bool>());
+  // The gate, in float32. The means of small inputs in plain loops (double
+  // partial sums); of large ones (over 2^17 elements) ATen's vectorised mean:
+  // this file is built for any x86-64, and a scalar double sum over a batch
+  // of 32 costs ~0.5 ms.
+  at::Tensor z;
+  if (N * s.C * s.H * s.W > (int64_t{1} << 17)) {
+    z = at::mean(x, {2, 3}, false, at::kFloat);
+  } else {
+    z = at::empty({N, s.C}, x.options().dtype(at::kFloat));
+    const at::Tensor xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "accel_conv_cpu_gate", [&] {
+      channel_means<scalar_t>(xc.const_data_ptr<scalar_t>(), N, s.C, s.H * s.W, nhwc, z.data_ptr<float>());
+    });
+  }
+  at::Tensor mask = at::empty({N, s.O}, x.options().dtype(at::kBool));
+  const int64_t kept_filters = gate_mlp(z, w1, b1, w2, b2, mask);
 
   const double kept = (N ? static_cast<double>(kept_filters) / (N * s.O) : 1.0) *
                       (in_mask.defined() ? kept_fraction(in_mask) : 1.0);
