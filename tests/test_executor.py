@@ -72,3 +72,24 @@ def test_dtype_argument_is_named_when_wrong():
     with pytest.raises(ValueError, match=r"accelerate: argument 'dtype' must be torch.float32, torch.bfloat16 or "
                                          r"torch.float16, got torch.int32"):
         accelerate(model, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_keeps_its_gates_float32_values(dtype):
+    # The gates decide in float32: their weights must be the float32 model's,
+    # not values rounded through `dtype` and widened back (which flipped 3-5%
+    # of the gates of trained digits models).
+    torch.manual_seed(7)
+    model, _ = make_model("small_vgg", 3, 16, 2)
+    ref = dict(accel_layers(accelerate(model)))
+    low = accelerate(model, dtype=dtype, channels_last=True)
+    gated = 0
+    for name, lay in accel_layers(low):
+        assert lay.weight.dtype == dtype
+        if lay.gate is None:
+            continue
+        gated += 1
+        for p in ("w1", "b1", "w2", "b2"):
+            got, want = getattr(lay.gate, p), getattr(ref[name.removeprefix("inner.")].gate, p)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (name, p)
+    assert gated > 0
