@@ -140,7 +140,8 @@ def main(argv=None) -> int:
           "Columns: predictions differing from the float32 decoupled model's (bf16 accelerated; the bf16 dense "
           "twin against the float32 dense twin; the float32 model with its conv weights rounded to bfloat16; the "
           "float32 model with conv weights x (1 + U(-2^-8, 2^-8)), median of 3 draws) and the fraction of gate decisions flipped between float32 and bfloat16.", "",
-          markdown_table(rows, cols)]
+          markdown_table([{k: (f"{v:.4f}" if k.endswith(("agreement", "flips")) else v) for k, v in r.items()}
+                          for r in rows], cols)]
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md[-1:]))
     return 0
