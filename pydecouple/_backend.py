@@ -269,6 +269,10 @@ def gating_threshold(batch: int, hw: int, depth: int = 0, width: int = 0) -> flo
 
     - ``width`` (output channels) <= 16 at batch > 4: a sample's kept filters
       fill less than one 16-lane vector (kernel 0.6-0.85x of dense at f = 0.5);
+      ``depth`` <= 32 at batch > 4 (a bottleneck's 1x1 expansions from 16-32
+      channels): memory-bound, the kernel writes the whole output as dense
+      does and saves only arithmetic (0.45-0.65x of dense at f = 0.25,
+      float32; 0.55-0.86x bfloat16; resnet47_bottleneck's profile);
       <= 64: 0.4 (32-64-channel layers cross at 0.45-0.6).
     - batch <= 4 (oneDNN is slow on small batches): images of <= 64
       positions 0.8 (crossovers 0.81-1.0); larger ones 0.6, and 0.45 for
@@ -282,7 +286,7 @@ def gating_threshold(batch: int, hw: int, depth: int = 0, width: int = 0) -> flo
         if hw <= 64:
             return 0.8
         return 0.45 if (0 < depth <= 128 or 0 < width <= 32) else 0.6
-    if 0 < width <= 16:
+    if 0 < width <= 16 or 0 < depth <= 32:
         return 0.1
     if hw <= 4:
         return 0.12
