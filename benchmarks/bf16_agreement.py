@@ -45,27 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import RESULTS, dense_twin_of, load_images  # noqa: E402
 
 from pydecouple.accelerate import accelerate  # noqa: E402
-from pydecouple.accelerate.modules import AccelConv  # noqa: E402
+from pydecouple.accelerate.modules import probing  # noqa: E402
 from pydecouple.benchmarking import machine_description, machine_header, markdown_table, write_csv  # noqa: E402
 from pydecouple.checkpoint import load_model  # noqa: E402
 
 
 def gate_masks(accel: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    """Every gated layer's mask for ``x``, in forward order."""
+    """Every gated layer's mask for ``x``, in forward order (through the
+    accelerated model's own observer hook, :func:`pydecouple.accelerate.modules.probing`)."""
     masks: List[torch.Tensor] = []
-    run = AccelConv.run
 
-    def recording(self, *args, **kwargs):
-        out = run(self, *args, **kwargs)
-        if out[1] is not None and self.gate is not None:
-            masks.append(out[1].clone())
-        return out
+    def record(layer, x_in, mask, in_mask, y, gate_s, conv_s):
+        if mask is not None and layer.gate is not None:
+            masks.append(mask.clone())
 
-    AccelConv.run = recording
-    try:
+    with probing(accel, record):
         accel(x)
-    finally:
-        AccelConv.run = run
     return masks
 
 

@@ -135,7 +135,7 @@ void dense_mask_epilogue(at::Tensor& y, const at::Tensor& mask, bool relu, const
     TORCH_INTERNAL_ASSERT(residual.scalar_type() == y.scalar_type() && residual.sizes() == y.sizes() &&
                           (nhwc ? residual.is_contiguous(at::MemoryFormat::ChannelsLast) : residual.is_contiguous()));
   }
-  // The gathers' instruction set (the oneDNN paths borrow the host's own).
+  // The current path's engine kernels (the oneDNN paths borrow the host ISA's own).
   const EngineKernels k = kernels_for(current_path(), Elem::f32);
   const Elem t = elem_of(y.scalar_type());
   void* yp = y.data_ptr();

@@ -313,16 +313,15 @@ class AccelEntry(_NoScript, nn.Module):
             if not dtype.is_floating_point or dtype == torch.float64:
                 raise ValueError(f"accelerate: argument 'dtype' must be torch.float32, torch.bfloat16 or "
                                  f"torch.float16, got {dtype}")
-            # The gates' MLPs stay float32 (their decisions are float32's), with
-            # their float32 values: a round trip through ``dtype`` would round
-            # them (bfloat16 gate weights flipped 3-5% of the gates of trained
-            # digits models and cost up to 8 points of prediction agreement).
-            gates = [m for m in inner.modules() if isinstance(m, AccelGate)]
-            kept = [{k: v.detach().clone() for k, v in g.state_dict().items()} for g in gates]
-            inner.to(dtype)
-            for g, state in zip(gates, kept):
-                g.float()
-                g.load_state_dict(state)
+            # Every module but the gates (and what they hold) goes to ``dtype``;
+            # the gates' MLPs are never converted, so they keep their float32
+            # values (their decisions are float32's; a round trip through
+            # bfloat16 flipped 3-5% of the gates of trained digits models).
+            in_gates = {id(sub) for g in inner.modules() if isinstance(g, AccelGate) for sub in g.modules()}
+            to_dtype = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+            for m in inner.modules():
+                if id(m) not in in_gates:
+                    m._apply(to_dtype, recurse=False)
         if channels_last:
             # Weights in the input's layout too: oneDNN otherwise reorders an
             # NCHW weight on every call (3-9% of VGG16 at batch 32, Zen 4);
