@@ -273,7 +273,9 @@ def gating_threshold(batch: int, hw: int, depth: int = 0, width: int = 0) -> flo
       channels): memory-bound, the kernel writes the whole output as dense
       does and saves only arithmetic (0.45-0.65x of dense at f = 0.25,
       float32; 0.55-0.86x bfloat16; resnet47_bottleneck's profile);
-      <= 64: 0.4 (32-64-channel layers cross at 0.45-0.6).
+      <= 64, or images of 5x5-8x8: 0.5 (32-128-channel layers at batch 32
+      cross at 0.5-0.62 since the kernel's 8-filter tail and one-unit
+      groups, 2026-12-03: 1.04-1.41x of dense + mask at f = 0.5).
     - batch <= 4 (oneDNN is slow on small batches): images of <= 64
       positions 0.8 (crossovers 0.81-1.0); larger ones 0.6, and 0.45 for
       ``depth`` (C_in/groups x kh x kw) <= 128 or ``width`` <= 32, whose short
@@ -292,10 +294,8 @@ def gating_threshold(batch: int, hw: int, depth: int = 0, width: int = 0) -> flo
         return 0.12
     if hw <= 16:
         return 0.3
-    if 0 < width <= 64:
-        return 0.4
-    if hw <= 64:
-        return 0.45
+    if 0 < width <= 64 or hw <= 64:
+        return 0.5
     return 0.45 if 0 < depth <= 128 else 0.65
 
 

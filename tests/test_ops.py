@@ -163,6 +163,35 @@ def test_cpu_kernel_deep_layers(backend, monkeypatch, path, dtype, cin, cout, hw
         run_and_check(x, w, b, om, im, 1, k // 2, 1, 1, relu=True, channels_last=channels_last)
 
 
+# Kept counts on both sides of the GEMM engine's 8-filter steps (a sample's
+# kept filters are computed in a row padded to a multiple of 8: whole zmm
+# vectors, then a ymm tail). Batch 9 runs the groups-of-samples schedule with
+# one count per sample; batch 1 the one-sample schedule, whose ranges of kept
+# filters end in an 8-filter range at 40 kept.
+KEPT_COUNTS = [1, 7, 8, 9, 16, 17, 24, 25, 40]
+
+
+@pytest.mark.parametrize("path,dtype", CPU_KERNEL_VARIANTS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_cpu_kernel_kept_counts_around_the_8_filter_tail(backend, monkeypatch, path, dtype, k):
+    backend("cpu")
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, path)
+    cin, cout, hw = 21, 40, 6
+    w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, dtype=dtype)
+
+    def masks(counts, c):
+        return torch.stack([torch.randperm(c) < kept for kept in counts])
+
+    n = len(KEPT_COUNTS)
+    x = torch.randn(n, cin, hw, hw, dtype=dtype)
+    om, im = masks(KEPT_COUNTS, cout), masks([min(cin, 3 + 2 * i) for i in range(n)], cin)
+    for channels_last in (False, True):
+        run_and_check(x, w, b, om, im, 1, k // 2, 1, 1, relu=True, channels_last=channels_last)
+    for kept in KEPT_COUNTS:
+        run_and_check(x[:1], w, b, masks([kept], cout), None, 1, k // 2, 1, 1, channels_last=kept % 2 == 0)
+
+
 def test_packed_weights_follow_in_place_changes(backend):
     """The kernel caches packed weights per weight tensor: an in-place change
     (a new version) must be seen, and a freed weight's cache entry must never

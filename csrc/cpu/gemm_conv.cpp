@@ -43,8 +43,17 @@ constexpr int64_t kSourceBlockBytes = 256 * 1024;  // packed weights of one K bl
 constexpr int64_t kCGroupBytes = 768 * 1024;
 constexpr int64_t kMaxRowsPerUnit = 512;           // images up to this many positions are one unit
 constexpr int64_t kRowsPerUnit = 256;              // else position blocks of this many rows
-constexpr int64_t kPanel = 64;
-constexpr int64_t kFullOMaxP = 9;                  // images of up to 3x3 outputs compute every filter                     // kept filters per gathered panel of B (4 zmm vectors)
+// A sample's kept filters are computed in a row padded to a multiple of 8 (a
+// ymm), not 16: a CIFAR ResNet layer keeping 4-11 of 16 filters, or 17-24 of
+// 32, wasted up to half of its GEMM on padding lanes.
+constexpr int64_t kFilterStep = 8;
+inline int64_t filter_row(int64_t kept) { return (kept + kFilterStep - 1) / kFilterStep * kFilterStep; }
+
+// A buffer's first 64-byte boundary (the buffers have 64 bytes of slack):
+// im2col's rows of 64 bytes then never straddle two cache lines.
+inline char* align64(char* p) {
+  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
 
 Elem elem_of(at::ScalarType t) {
   switch (t) {
@@ -234,11 +243,11 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
     xg_off[n + 1] = xg_off[n] + s.H * s.W * kip[n] * es;
   }
   const int64_t max_kip = std::max<int64_t>(2, *std::max_element(kip.begin(), kip.end()));
-  const int64_t max_kop = std::max<int64_t>(16, (*std::max_element(ko.begin(), ko.end()) + 15) / 16 * 16);
+  const int64_t max_kop = std::max<int64_t>(kFilterStep, filter_row(*std::max_element(ko.begin(), ko.end())));
   auto kept_of = [&](int64_t n) {
     return KeptFilters{fidx.data() + n * s.O, out_bits.data() + n * ochunks, out_offs.data() + n * ochunks,
                        out_perm.data() + n * ochunks * 16, out_merge.data() + n * ochunks * 16,
-                       out_rest.data() + n * ochunks * 16, ko[n], (ko[n] + 15) / 16 * 16};
+                       out_rest.data() + n * ochunks * 16, ko[n], filter_row(ko[n])};
   };
 
   // 1. Every sample's kept channels, NHWC, in the compute type, in parallel.
@@ -313,7 +322,7 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
       // (A panel per 64 filters, gathered right before its GEMM to stay in
       // L1, measured slower: the gather then re-reads the source words
       // shared by neighbouring panels, and the calls multiply.)
-      const int64_t pw = (f1 - f0 + 15) / 16 * 16;
+      const int64_t pw = filter_row(f1 - f0);
       k.gather_weight(wtp, s, cidx.data() + n * s.C, ki[n], kb->t0, kb->t1, j0, j1, kf, f0, f1, pw, panel);
       k.gemm(M, pw, K, ak, s.KK * kip[n], panel, pw, c, ldc, accumulate);
       accumulate = true;
@@ -336,10 +345,16 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
 
   if (units >= 2 * threads) {
     // ---- many units: groups of units, K blocks outside, units inside --------
-    const int64_t group = std::max<int64_t>(1, kCGroupBytes / (mb * max_kop * 4));
+    // Groups pay where there are several K blocks (a deep layer's weights
+    // come from memory once per group). With one K block, one unit at a time:
+    // its im2col rows are still in L1/L2 when its GEMM reads them. A group
+    // sized for the C tiles alone im2col'd ahead up to 14 MB on a 16-filter
+    // 32x32 layer at batch 32 (96 units of 256 rows), all from memory again.
+    const int64_t group = kblocks.size() == 1 ? 1 : std::max<int64_t>(1, kCGroupBytes / (mb * max_kop * 4));
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
       std::vector<char> panel(panel_bytes);
       std::unique_ptr<char[]> abuf(new char[direct_a ? 1 : group * mb * a_row_bytes + 64]);
+      char* const abase = align64(abuf.get());
       std::unique_ptr<float[]> cbuf(new float[group * mb * max_kop]);
       std::vector<char> started(group);
       std::vector<const char*> a_ptr(group);
@@ -347,14 +362,14 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
         const int64_t g1 = std::min(end, g0 + group);
         for (int64_t u = g0; u < g1; ++u) {
           const int64_t n = u / mblocks, p0 = (u % mblocks) * mb;
-          a_ptr[u - g0] = a_of(n, p0, std::min(mb, s.P - p0), abuf.get() + (u - g0) * mb * a_row_bytes);
+          a_ptr[u - g0] = a_of(n, p0, std::min(mb, s.P - p0), abase + (u - g0) * mb * a_row_bytes);
         }
         std::fill(started.begin(), started.end(), 0);
         for (const KBlock& kb : kblocks) {
           for (int64_t u = g0; u < g1; ++u) {
             const int64_t n = u / mblocks, p0 = (u % mblocks) * mb, M = std::min(mb, s.P - p0);
             if (ko[n] == 0 || ki[n] == 0) continue;
-            const int64_t kop = (ko[n] + 15) / 16 * 16;
+            const int64_t kop = filter_row(ko[n]);
             started[u - g0] = run_unit(n, p0, M, 0, ko[n], a_ptr[u - g0], cbuf.get() + (u - g0) * mb * max_kop,
                                        kop, panel.data(), &kb, &kb + 1, started[u - g0] != 0);
           }
@@ -395,6 +410,7 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
     at::parallel_for(0, mblocks * ncb, 1, [&](int64_t begin, int64_t end) {
       std::vector<char> panel(panel_bytes);
       std::unique_ptr<char[]> abuf(new char[direct_a ? 1 : mb * a_row_bytes + 64]);
+      char* const abase = align64(abuf.get());
       std::unique_ptr<float[]> cbuf(new float[mb * cbw]);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t p0 = (it / ncb) * mb, M = std::min(mb, s.P - p0);
@@ -402,7 +418,7 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
         if (f1 <= f0 && ncb > 1) continue;
         bool started = false;
         if (kf.ko > 0 && ki[n] > 0) {
-          const char* a = a_of(n, p0, M, abuf.get());
+          const char* a = a_of(n, p0, M, abase);
           started = run_unit(n, p0, M, f0, f1, a, cbuf.get(), cbw, panel.data(), kblocks.data(),
                              kblocks.data() + kblocks.size(), false);
         }

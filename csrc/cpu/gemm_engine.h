@@ -72,7 +72,7 @@ struct KeptFilters {
   const int32_t* merge;
   const int32_t* rest;
   int64_t ko;            // kept filters
-  int64_t kop;           // ko rounded up to 16: the row length of B and C
+  int64_t kop;           // ko rounded up to 8: the row length of B and C
 };
 
 // What the epilogue writes where, for one sample.
@@ -108,17 +108,19 @@ struct EngineKernels {
   // A panel of B: rows (t, j) for taps t in [t0, t1) and kept channels j in
   // [j0, j1) (rows j >= ki are zero), in that order, and columns the kept
   // filters [c0, c1) of the sample (c1 > c0). Row length ldb, a multiple of
-  // 16 >= c1 - c0; the columns past c1 - c0 hold anything (the C columns
+  // 8 >= c1 - c0; the columns past c1 - c0 hold anything (the C columns
   // they make are never read). f32: b[row * ldb + m - c0]; bf16: the VNNI
   // layout b[(row / 2) * 2 * ldb + 2 * (m - c0) + (row & 1)], with j0 and
   // j1 - j0 even. Stores may run up to 16 elements (f32) or pairs (bf16)
-  // past the last row: the buffer has that slack. wt: the weights packed as
+  // past a row (ldb may be 8): rows are written in increasing order, so the
+  // next row's own stores overwrite the overrun, and the buffer has that
+  // slack past the last row. wt: the weights packed as
   // [KK][C][Op] in the compute type, zero past O.
   void (*gather_weight)(const void* wt, const ConvShape& s, const int32_t* cidx, int64_t ki, int64_t t0, int64_t t1,
                         int64_t j0, int64_t j1, const KeptFilters& kf, int64_t c0, int64_t c1, int64_t ldb, void* b);
 
   // C[M][N] (+)= A[M][K] * B[K][N] in float32: C is overwritten, or added
-  // to where `accumulate`. N is a multiple of 16. bf16: K is even and B is in
+  // to where `accumulate`. N is a multiple of 8. bf16: K is even and B is in
   // the VNNI layout (ldb counts filters: a row of pairs has ldb pairs).
   void (*gemm)(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
                int64_t ldc, bool accumulate);
