@@ -5,9 +5,10 @@
 // fraction; the dispatcher; the conv. At batch 1 that Python (~35-45 us) cost
 // as much as the conv it saved. Here, in C++:
 //
-//   gate:  z = mean_hw(x), m = W2 relu(W1 z + b1) + b2 > 0, in float32
-//          whatever x's dtype; small gates in plain loops (ATen's
-//          mean/addmm/gt cost ~50 us a layer at batch 1), large ones in ATen
+//   gate:  z = mean_hw(x) (the engine's vector loop, in double),
+//          m = W2 relu(W1 z + b1) + b2 > 0, in float32 whatever x's dtype;
+//          small MLPs in plain loops (ATen's addmm/gt cost ~20 us a layer
+//          at batch 1), large ones through addmm
 //   route: kept = mean(in_mask) * mean(m); above `dense_above` (the layer's
 //          measured crossover) the dense conv runs, else the GEMM engine
 //   conv:  y = m * relu?(conv(x) + bias), then y = relu?(y + residual)
@@ -17,7 +18,6 @@
 // they are: the producer wrote zeros there), so the dense route ignores it.
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -30,47 +30,6 @@
 namespace pydecouple {
 namespace cpu {
 namespace {
-
-// z[n][c] = mean over positions of x[n][c], accumulated in double (a mask
-// then differs from the float32 model's only where a logit is within float32
-// rounding of 0, whichever order that model summed in).
-template <typename T>
-void channel_means(const T* x, int64_t N, int64_t C, int64_t P, bool nhwc, float* z) {
-  if (P == 0) {
-    std::fill(z, z + N * C, 0.f);
-    return;
-  }
-  if (nhwc) {  // rows of C channels: one running sum per channel (independent chains, vectorised over c)
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C * P, 1));
-    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-      std::vector<double> acc(C);
-      for (int64_t n = b; n < e; ++n) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t p = 0; p < P; ++p) {
-          const T* row = x + (n * P + p) * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(static_cast<float>(row[c]));
-        }
-        for (int64_t c = 0; c < C; ++c) z[n * C + c] = static_cast<float>(acc[c] / P);
-      }
-    });
-    return;
-  }
-  // Planes of P positions: eight partial sums each (one chain of dependent
-  // double adds was ~70 us on a 64 x 32 x 32 input).
-  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / P), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const T* plane = x + i * P;
-      double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t p = 0;
-      for (; p + 8 <= P; p += 8) {
-        for (int k = 0; k < 8; ++k) part[k] += static_cast<double>(static_cast<float>(plane[p + k]));
-      }
-      for (; p < P; ++p) part[p & 7] += static_cast<double>(static_cast<float>(plane[p]));
-      const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-      z[i] = static_cast<float>(sum / P);
-    }
-  });
-}
 
 // A float32 dot product with 16 independent partial sums: vectorisable
 // without reassociation (one running sum is a chain of dependent adds).
@@ -167,19 +126,14 @@ std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
                 s.Wo, "), got ", residual.sizes());
   }
 
-  // The gate, in float32. The means of small inputs in plain loops (double
-  // partial sums); of large ones (over 2^17 elements) ATen's vectorised mean:
-  // this file is built for any x86-64, and a scalar double sum over a batch
-  // of 32 costs ~0.5 ms.
-  at::Tensor z;
-  if (N * s.C * s.H * s.W > (int64_t{1} << 17)) {
-    z = at::mean(x, {2, 3}, false, at::kFloat);
+  // The gate, in float32: the channel means in the instruction set's own
+  // vector loop, in double (ATen's mean over a channels_last bfloat16 batch,
+  // and a scalar loop, each cost as much as a small conv).
+  at::Tensor z = at::empty({N, s.C}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) {
+    gate_channel_means(x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous), z);
   } else {
-    z = at::empty({N, s.C}, x.options().dtype(at::kFloat));
-    const at::Tensor xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "accel_conv_cpu_gate", [&] {
-      channel_means<scalar_t>(xc.const_data_ptr<scalar_t>(), N, s.C, s.H * s.W, nhwc, z.data_ptr<float>());
-    });
+    z = at::mean(x, {2, 3}, false, at::kFloat);
   }
   at::Tensor mask = at::empty({N, s.O}, x.options().dtype(at::kBool));
   const int64_t kept_filters = gate_mlp(z, w1, b1, w2, b2, mask);

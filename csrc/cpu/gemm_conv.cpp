@@ -158,6 +158,27 @@ void dense_mask_epilogue(at::Tensor& y, const at::Tensor& mask, bool relu, const
   });
 }
 
+void gate_channel_means(const at::Tensor& x, at::Tensor& z) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  const bool nhwc = !x.is_contiguous();
+  TORCH_INTERNAL_ASSERT(nhwc ? x.is_contiguous(at::MemoryFormat::ChannelsLast) : x.is_contiguous());
+  TORCH_INTERNAL_ASSERT(z.scalar_type() == at::kFloat && z.is_contiguous() && z.numel() == N * C);
+  const EngineKernels k = kernels_for(current_path(), Elem::f32);
+  const Elem t = elem_of(x.scalar_type());
+  const void* xp = x.const_data_ptr();
+  float* zp = z.data_ptr<float>();
+  constexpr int64_t kBlock = 64;  // channels per task (EngineKernels::channel_means takes at most 64)
+  const int64_t blocks = (C + kBlock - 1) / kBlock;
+  // Tasks of a few thousand elements at least: small gates stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(std::min(C, kBlock) * P, 1));
+  at::parallel_for(0, N * blocks, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / blocks, c0 = (i % blocks) * kBlock;
+      k.channel_means(xp, t, C, P, nhwc, n, c0, std::min(C, c0 + kBlock), zp);
+    }
+  });
+}
+
 at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
                              bool nhwc_out, const at::Tensor& residual_in, bool residual_relu) {

@@ -141,6 +141,14 @@ struct EngineKernels {
   // bytes, 0 or 1. One pass over y (the four ATen calls it replaces were four).
   void (*mask_epilogue)(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, bool relu,
                         const void* residual, bool residual_relu, int64_t b, int64_t e);
+
+  // The gate's input: z[n * C + c] = mean over P positions of x[n][c], for
+  // channels [c0, c1) (c1 - c0 <= 64) of sample n of x (type t, NCHW planes
+  // or NHWC rows, contiguous), accumulated in double (a mask then differs
+  // from the float32 model's only where a logit is within float32 rounding
+  // of 0, whichever order that model summed in).
+  void (*channel_means)(const void* x, Elem t, int64_t C, int64_t P, bool nhwc, int64_t n, int64_t c0, int64_t c1,
+                        float* z);
 };
 
 // The bfloat16 GEMM on vdpbf16ps (gemm_engine_avx512bf16.cpp): A [M][K]

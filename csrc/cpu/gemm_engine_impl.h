@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if ENGINE_ISA >= 1
 #include <immintrin.h>
@@ -80,6 +81,16 @@ inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __m
 
 // 16 elements of type t (n valid, the rest read as 0) as floats.
 inline __m512 load16(const void* p, Elem t, __mmask16 m) {
+  if (m == __mmask16(0xffff)) {
+    // Whole vectors unmasked: the epilogues' passes run mostly on these.
+    switch (t) {
+      case Elem::f32: return _mm512_loadu_ps(p);
+      case Elem::bf16:
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p))), 16));
+      default: return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+    }
+  }
   switch (t) {
     case Elem::f32: return _mm512_maskz_loadu_ps(m, p);
     case Elem::bf16:
@@ -99,6 +110,17 @@ inline __m256i f32_to_bf16_16(__m512 v) {
 }
 
 inline void store16(void* p, Elem t, __m512 v, __mmask16 m) {
+  if (m == __mmask16(0xffff)) {
+    // Whole vectors unmasked (a masked store measured several times slower on
+    // Zen 4 in the dense route's epilogue).
+    switch (t) {
+      case Elem::f32: _mm512_storeu_ps(p, v); return;
+      case Elem::bf16: _mm256_storeu_si256(static_cast<__m256i*>(p), f32_to_bf16_16(v)); return;
+      default:
+        _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        return;
+    }
+  }
   switch (t) {
     case Elem::f32: _mm512_mask_storeu_ps(p, m, v); break;
     case Elem::bf16: _mm256_mask_storeu_epi16(p, m, f32_to_bf16_16(v)); break;
@@ -769,34 +791,88 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
 
 // ----------------------------------------------------------------------------- the dense route's epilogue
 
-void mask_epilogue(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, bool relu,
-                   const void* residual, bool residual_relu, int64_t b, int64_t e) {
-  const int64_t es = elem_bytes(t);
-  char* yb = static_cast<char*>(y);
-  const char* rb = static_cast<const char*>(residual);
-  const int64_t len = nhwc ? O : P;  // elements per row (NHWC) or plane (NCHW)
 #if ENGINE_ISA >= 2
+// The dense route's epilogue for one element type and one set of flags: no
+// branch on them per vector (the type switch and flag tests per 16 elements
+// cost more than the memory traffic on a 16-channel NHWC layer).
+template <Elem T, bool RELU, int RES>  // RES: 0 none, 1 add, 2 add then ReLU
+void mask_epilogue_t(char* yb, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, const char* rb, int64_t b,
+                     int64_t e) {
+  constexpr int64_t es = T == Elem::f32 ? 4 : 2;
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t i = b; i < e; ++i) {
-    char* row = yb + i * len * es;
-    const char* rrow = rb ? rb + i * len * es : nullptr;
-    const uint8_t* m = nhwc ? mask + (i / P) * O : nullptr;
-    const bool plane_kept = nhwc || mask[i];
-    for (int64_t j = 0; j < len; j += 16) {
-      const __mmask16 lanes = tail_mask(len - j);
-      // Kept lanes: the plane's one decision (NCHW) or 16 channels' (NHWC).
-      __mmask16 keep = plane_kept ? lanes : __mmask16(0);
-      if (nhwc) keep = _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, m + j), _mm_setzero_si128());
-      __m512 v = keep ? load16(row + j * es, t, keep) : zero;
-      if (relu) v = _mm512_max_ps(v, zero);
-      if (rrow) {
-        v = _mm512_add_ps(v, load16(rrow + j * es, t, lanes));
-        if (residual_relu) v = _mm512_max_ps(v, zero);
+  // 16 elements: the kept lanes loaded (the others read as 0), ReLU, then
+  // the residual and the block's ReLU; every lane in `lanes` written.
+  auto vec = [&](char* out, const char* res, __mmask16 keep, __mmask16 lanes) {
+    __m512 v = load16(out, T, keep);
+    if constexpr (RELU) v = _mm512_max_ps(v, zero);
+    if constexpr (RES > 0) {
+      v = _mm512_add_ps(v, load16(res, T, lanes));
+      if constexpr (RES == 2) v = _mm512_max_ps(v, zero);
+    }
+    store16(out, T, v, lanes);
+  };
+  if (nhwc) {
+    // Rows [b, e) of O channels, sample by sample: the sample's kept lanes
+    // (16 channels a word) made once, not once per row, and no division per
+    // row (a 64-bit idiv per 16-channel row was a quarter of this pass).
+    const int64_t nw = (O + 15) / 16;
+    std::vector<__mmask16> words(nw);
+    for (int64_t i = b, n = b / P, p = b % P; i < e; ++n, p = 0) {
+      const uint8_t* m = mask + n * O;
+      for (int64_t w = 0; w < nw; ++w) {
+        const __mmask16 lanes = tail_mask(O - 16 * w);
+        words[w] = _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, m + 16 * w), _mm_setzero_si128());
       }
-      store16(row + j * es, t, v, lanes);
+      for (const int64_t end = std::min(e, i + P - p); i < end; ++i) {
+        char* row = yb + i * O * es;
+        const char* rrow = RES > 0 ? rb + i * O * es : nullptr;
+        for (int64_t w = 0; w < nw; ++w) {
+          vec(row + 16 * w * es, RES > 0 ? rrow + 16 * w * es : nullptr, words[w], tail_mask(O - 16 * w));
+        }
+      }
+    }
+    return;
+  }
+  // NCHW: planes [b, e) of P positions, each kept or not as a whole.
+  for (int64_t i = b; i < e; ++i) {
+    char* plane = yb + i * P * es;
+    const char* rplane = RES > 0 ? rb + i * P * es : nullptr;
+    const bool kept = mask[i] != 0;
+    for (int64_t j = 0; j < P; j += 16) {
+      const __mmask16 lanes = tail_mask(P - j);
+      vec(plane + j * es, RES > 0 ? rplane + j * es : nullptr, kept ? lanes : __mmask16(0), lanes);
     }
   }
+}
+
+template <Elem T>
+void mask_epilogue_of(char* yb, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, bool relu, const char* rb,
+                      bool residual_relu, int64_t b, int64_t e) {
+  const int res = rb == nullptr ? 0 : (residual_relu ? 2 : 1);
+  if (relu) {
+    if (res == 0) return mask_epilogue_t<T, true, 0>(yb, mask, O, P, nhwc, rb, b, e);
+    if (res == 1) return mask_epilogue_t<T, true, 1>(yb, mask, O, P, nhwc, rb, b, e);
+    return mask_epilogue_t<T, true, 2>(yb, mask, O, P, nhwc, rb, b, e);
+  }
+  if (res == 0) return mask_epilogue_t<T, false, 0>(yb, mask, O, P, nhwc, rb, b, e);
+  if (res == 1) return mask_epilogue_t<T, false, 1>(yb, mask, O, P, nhwc, rb, b, e);
+  return mask_epilogue_t<T, false, 2>(yb, mask, O, P, nhwc, rb, b, e);
+}
+#endif
+
+void mask_epilogue(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, bool relu,
+                   const void* residual, bool residual_relu, int64_t b, int64_t e) {
+  char* yb = static_cast<char*>(y);
+  const char* rb = static_cast<const char*>(residual);
+#if ENGINE_ISA >= 2
+  switch (t) {
+    case Elem::f32: return mask_epilogue_of<Elem::f32>(yb, mask, O, P, nhwc, relu, rb, residual_relu, b, e);
+    case Elem::bf16: return mask_epilogue_of<Elem::bf16>(yb, mask, O, P, nhwc, relu, rb, residual_relu, b, e);
+    default: return mask_epilogue_of<Elem::f16>(yb, mask, O, P, nhwc, relu, rb, residual_relu, b, e);
+  }
 #else
+  const int64_t es = elem_bytes(t);
+  const int64_t len = nhwc ? O : P;  // elements per row (NHWC) or plane (NCHW)
   for (int64_t i = b; i < e; ++i) {
     char* row = yb + i * len * es;
     const char* rrow = rb ? rb + i * len * es : nullptr;
@@ -815,6 +891,71 @@ void mask_epilogue(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, b
 #endif
 }
 
+// ----------------------------------------------------------------------------- the gate's channel means
+
+void channel_means(const void* x, Elem t, int64_t C, int64_t P, bool nhwc, int64_t n, int64_t c0, int64_t c1,
+                   float* z) {
+  const int64_t es = elem_bytes(t);
+  const char* xs = static_cast<const char*>(x) + n * C * P * es;
+  const int64_t nc = c1 - c0;
+  if (P == 0) {
+    std::fill(z + n * C + c0, z + n * C + c1, 0.0f);
+    return;
+  }
+#if ENGINE_ISA >= 2
+  if (nhwc) {
+    // Rows of C channels: 16 channels a vector, widened to two vectors of 8
+    // doubles; one running sum per channel (independent across channels).
+    constexpr int64_t kMaxBlock = 64;  // the driver's channel block
+    __m512d acc[2 * kMaxBlock / 16];
+    const int64_t nv = (nc + 15) / 16;
+    for (int64_t v = 0; v < 2 * nv; ++v) acc[v] = _mm512_setzero_pd();
+    for (int64_t p = 0; p < P; ++p) {
+      const char* row = xs + (p * C + c0) * es;
+      for (int64_t v = 0; v < nv; ++v) {
+        const __m512 f = load16(row + 16 * v * es, t, tail_mask(nc - 16 * v));
+        acc[2 * v] = _mm512_add_pd(acc[2 * v], _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+        acc[2 * v + 1] = _mm512_add_pd(acc[2 * v + 1], _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+      }
+    }
+    alignas(64) double sums[2 * kMaxBlock];
+    for (int64_t v = 0; v < 2 * nv; ++v) _mm512_store_pd(sums + 8 * v, acc[v]);
+    for (int64_t c = 0; c < nc; ++c) z[n * C + c0 + c] = static_cast<float>(sums[c] / P);
+    return;
+  }
+  // Planes of P positions: four vectors of 8 double partial sums each.
+  for (int64_t c = c0; c < c1; ++c) {
+    const char* plane = xs + c * P * es;
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd(), a2 = _mm512_setzero_pd(), a3 = _mm512_setzero_pd();
+    int64_t p = 0;
+    for (; p + 32 <= P; p += 32) {
+      const __m512 f0 = load16(plane + p * es, t, __mmask16(0xffff));
+      const __m512 f1 = load16(plane + (p + 16) * es, t, __mmask16(0xffff));
+      a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(f0)));
+      a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(f0, 1)));
+      a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm512_castps512_ps256(f1)));
+      a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm512_extractf32x8_ps(f1, 1)));
+    }
+    for (; p < P; p += 16) {
+      const __m512 f = load16(plane + p * es, t, tail_mask(P - p));
+      a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+      a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+    }
+    const double sum = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
+    z[n * C + c] = static_cast<float>(sum / P);
+  }
+#else
+  for (int64_t c = c0; c < c1; ++c) {
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t p = 0; p < P; ++p) {
+      part[p & 7] += static_cast<double>(load_elem(xs, nhwc ? p * C + c : c * P + p, t));
+    }
+    const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    z[n * C + c] = static_cast<float>(sum / P);
+  }
+#endif
+}
+
 }  // namespace
 }  // namespace ENGINE_NS
 }  // namespace cpu
@@ -827,7 +968,7 @@ namespace ENGINE_NS {
 // This instruction set's kernels for float32 compute.
 inline const EngineKernels* kernels_f32() {
   static const EngineKernels k = {ENGINE_NAME, Elem::f32, &gather_input, &im2col, &gather_weight_f32, &gemm_f32,
-                                  &epilogue, &mask_epilogue};
+                                  &epilogue, &mask_epilogue, &channel_means};
   return &k;
 }
 
