@@ -893,6 +893,41 @@ void mask_epilogue(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, b
 
 // ----------------------------------------------------------------------------- the gate's channel means
 
+#if ENGINE_ISA >= 2
+// NHWC rows of C channels, channels [c0, c0 + nc) (nc <= 16 NV): 16 channels a
+// vector, widened to two vectors of 8 doubles, the sums in registers, two
+// rows at a time into two sets (an add's latency per row otherwise bounds
+// the loop; sums kept in memory cost a store-to-load round trip per row).
+template <int NV>
+void channel_means_nhwc(const char* xs, Elem t, int64_t C, int64_t P, int64_t c0, int64_t nc, float* z) {
+  const int64_t es = elem_bytes(t);
+  __m512d acc[2][2 * NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < 2 * NV; ++v) acc[0][v] = acc[1][v] = _mm512_setzero_pd();
+  __mmask16 lanes[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) lanes[v] = tail_mask(nc - 16 * v);
+  auto add_row = [&](int set, const char* row) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 f = load16(row + 16 * v * es, t, lanes[v]);
+      acc[set][2 * v] = _mm512_add_pd(acc[set][2 * v], _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+      acc[set][2 * v + 1] = _mm512_add_pd(acc[set][2 * v + 1], _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+    }
+  };
+  int64_t p = 0;
+  for (; p + 2 <= P; p += 2) {
+    add_row(0, xs + (p * C + c0) * es);
+    add_row(1, xs + ((p + 1) * C + c0) * es);
+  }
+  if (p < P) add_row(0, xs + (p * C + c0) * es);
+  alignas(64) double sums[16 * NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < 2 * NV; ++v) _mm512_store_pd(sums + 8 * v, _mm512_add_pd(acc[0][v], acc[1][v]));
+  for (int64_t c = 0; c < nc; ++c) z[c] = static_cast<float>(sums[c] / P);
+}
+#endif
+
 void channel_means(const void* x, Elem t, int64_t C, int64_t P, bool nhwc, int64_t n, int64_t c0, int64_t c1,
                    float* z) {
   const int64_t es = elem_bytes(t);
@@ -904,24 +939,12 @@ void channel_means(const void* x, Elem t, int64_t C, int64_t P, bool nhwc, int64
   }
 #if ENGINE_ISA >= 2
   if (nhwc) {
-    // Rows of C channels: 16 channels a vector, widened to two vectors of 8
-    // doubles; one running sum per channel (independent across channels).
-    constexpr int64_t kMaxBlock = 64;  // the driver's channel block
-    __m512d acc[2 * kMaxBlock / 16];
-    const int64_t nv = (nc + 15) / 16;
-    for (int64_t v = 0; v < 2 * nv; ++v) acc[v] = _mm512_setzero_pd();
-    for (int64_t p = 0; p < P; ++p) {
-      const char* row = xs + (p * C + c0) * es;
-      for (int64_t v = 0; v < nv; ++v) {
-        const __m512 f = load16(row + 16 * v * es, t, tail_mask(nc - 16 * v));
-        acc[2 * v] = _mm512_add_pd(acc[2 * v], _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
-        acc[2 * v + 1] = _mm512_add_pd(acc[2 * v + 1], _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
-      }
+    switch ((nc + 15) / 16) {
+      case 1: return channel_means_nhwc<1>(xs, t, C, P, c0, nc, z + n * C + c0);
+      case 2: return channel_means_nhwc<2>(xs, t, C, P, c0, nc, z + n * C + c0);
+      case 3: return channel_means_nhwc<3>(xs, t, C, P, c0, nc, z + n * C + c0);
+      default: return channel_means_nhwc<4>(xs, t, C, P, c0, nc, z + n * C + c0);
     }
-    alignas(64) double sums[2 * kMaxBlock];
-    for (int64_t v = 0; v < 2 * nv; ++v) _mm512_store_pd(sums + 8 * v, acc[v]);
-    for (int64_t c = 0; c < nc; ++c) z[n * C + c0 + c] = static_cast<float>(sums[c] / P);
-    return;
   }
   // Planes of P positions: four vectors of 8 double partial sums each.
   for (int64_t c = c0; c < c1; ++c) {
