@@ -932,13 +932,13 @@ void channel_means(const void* x, Elem t, int64_t C, int64_t P, bool nhwc, int64
                    float* z) {
   const int64_t es = elem_bytes(t);
   const char* xs = static_cast<const char*>(x) + n * C * P * es;
-  const int64_t nc = c1 - c0;
   if (P == 0) {
     std::fill(z + n * C + c0, z + n * C + c1, 0.0f);
     return;
   }
 #if ENGINE_ISA >= 2
   if (nhwc) {
+    const int64_t nc = c1 - c0;
     switch ((nc + 15) / 16) {
       case 1: return channel_means_nhwc<1>(xs, t, C, P, c0, nc, z + n * C + c0);
       case 2: return channel_means_nhwc<2>(xs, t, C, P, c0, nc, z + n * C + c0);
