@@ -7,7 +7,8 @@
 //   one): each thread takes a range of units and runs them in groups (their
 //   float32 C tiles fit kCGroupBytes) through the K blocks, K block outside
 //   and units inside, so a block's source weights stay in L2 while every
-//   unit of the group gathers from them;
+//   unit of the group gathers from them (weights of one K block: groups of
+//   one unit);
 // * few units (batch 1, small images): one sample at a time, the threads
 //   splitting it by position block and by range of kept filters.
 //

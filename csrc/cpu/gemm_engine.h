@@ -12,7 +12,8 @@
 //
 // * Vectors run along filters (B's rows), so a 2x2 or 4x4 image wastes no lane
 //   (the direct kernel vectorised along positions and lost half of every
-//   vector there).
+//   vector there). A row of kept filters is padded to a multiple of 8: whole
+//   16-filter vectors, then an 8-filter (ymm) tail.
 // * B is gathered per sample from weights packed once per weight tensor
 //   ([KK][C][Op], filters contiguous; cached by the driver): a kept row is
 //   streamed 16 filters at a time through precomputed permutes into full,
