@@ -105,6 +105,16 @@ def test_accel_conv_rejects_bad_gate_parameters():
                                             torch.randn(2, 12, 5, 5), False, 0.5)
 
 
+def test_accel_conv_rejects_an_input_dtype_the_engine_has_no_kernels_for():
+    # The gate's means and the kernels cover float32, bfloat16 and float16
+    # only: anything else is refused, with the argument named, before any work.
+    x, w, b, w1, b1, w2, b2 = _case(2, 8, 12, 6, 3, torch.float32)
+    with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'x' must be float32, bfloat16 or float16, "
+                                           r"got Double"):
+        torch.ops.pydecouple.accel_conv_cpu(x.double(), None, w.double(), b.double(), w1, b1, w2, b2, [1, 1],
+                                            [1] * 4, [1, 1], True, None, False, 0.5)
+
+
 def test_accel_conv_rejects_bad_masks_and_bias():
     x, w, b, w1, b1, w2, b2 = _case(2, 8, 12, 6, 3, torch.float32)
     bad_in = torch.ones(2, 7, dtype=torch.bool)

@@ -129,12 +129,9 @@ std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
   // The gate, in float32: the channel means in the instruction set's own
   // vector loop, in double (ATen's mean over a channels_last bfloat16 batch,
   // and a scalar loop, each cost as much as a small conv).
+  // (check_conv admitted float32, bfloat16 and float16 only: the engine's types.)
   at::Tensor z = at::empty({N, s.C}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) {
-    gate_channel_means(x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous), z);
-  } else {
-    z = at::mean(x, {2, 3}, false, at::kFloat);
-  }
+  gate_channel_means(x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous), z);
   at::Tensor mask = at::empty({N, s.O}, x.options().dtype(at::kBool));
   const int64_t kept_filters = gate_mlp(z, w1, b1, w2, b2, mask);
 

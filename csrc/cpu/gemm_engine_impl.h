@@ -271,83 +271,62 @@ inline void zero_row(char* dst, int64_t bytes) {
 #endif
 }
 
-#if ENGINE_ISA >= 2
-// im2col for rows of exactly ROW = 16, 32 or 64 bytes (4, 8 or 16 float32
-// channels, 8-32 bfloat16): plain loads and stores of that width. The
-// masked byte loads/stores of the general path cost ~4x on Zen 4 (a
-// 16-channel 32x32 layer at batch 32: im2col 0.94 ms of 2.8 ms).
-template <int ROW>
-void im2col_fixed(const char* xg, const ConvShape& s, int64_t p0, int64_t M, char* a) {
-  for (int64_t r = 0; r < M; ++r) {
-    const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
-    char* dst = a + r * s.KK * ROW;
-    for (int64_t kh = 0; kh < s.KH; ++kh) {
-      const int64_t h = ho * s.sh - s.pt + kh * s.dh;
-      const bool hin = h >= 0 && h < s.H;
-      for (int64_t kw = 0; kw < s.KW; ++kw, dst += ROW) {
-        const int64_t w = wo * s.sw - s.pl + kw * s.dw;
-        const bool in = hin && w >= 0 && w < s.W;
-        const char* src = xg + (h * s.W + w) * ROW;
-        if constexpr (ROW == 64) {
-          _mm512_storeu_si512(dst, in ? _mm512_loadu_si512(src) : _mm512_setzero_si512());
-        } else if constexpr (ROW == 32) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                              in ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)) : _mm256_setzero_si256());
-        } else {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                           in ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)) : _mm_setzero_si128());
-        }
-      }
-    }
-  }
-}
-#endif
-
-void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a) {
-  const int64_t row = kip * es;
-#if ENGINE_ISA >= 2
-  switch (row) {
-    case 64: return im2col_fixed<64>(xg, s, p0, M, a);
-    case 32: return im2col_fixed<32>(xg, s, p0, M, a);
-    case 16: return im2col_fixed<16>(xg, s, p0, M, a);
-    default: break;
-  }
-  if (row <= 64) {
-    // A row of at most 64 bytes (up to 16 float32 channels): one masked
-    // load and one masked store per (position, tap), the mask made once.
-    const __mmask64 m = row == 64 ? ~__mmask64{0} : ((__mmask64{1} << row) - 1);
-    for (int64_t r = 0; r < M; ++r) {
-      const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
-      char* dst = a + r * s.KK * row;
-      for (int64_t kh = 0; kh < s.KH; ++kh) {
-        const int64_t h = ho * s.sh - s.pt + kh * s.dh;
-        const bool hin = h >= 0 && h < s.H;
-        for (int64_t kw = 0; kw < s.KW; ++kw, dst += row) {
-          const int64_t w = wo * s.sw - s.pl + kw * s.dw;
-          const __m512i v = hin && w >= 0 && w < s.W ? _mm512_maskz_loadu_epi8(m, xg + (h * s.W + w) * row)
-                                                     : _mm512_setzero_si512();
-          _mm512_mask_storeu_epi8(dst, m, v);
-        }
-      }
-    }
-    return;
-  }
-#endif
+// The im2col loop: for output positions [p0, p0 + M) and every tap, `put`
+// writes one row of `row` bytes at dst from src, the input row the tap
+// reads, or from nullptr where the tap falls in the padding (zeros).
+template <typename Put>
+inline void im2col_rows(const char* xg, const ConvShape& s, int64_t row, int64_t p0, int64_t M, char* a, Put put) {
   for (int64_t r = 0; r < M; ++r) {
     const int64_t p = p0 + r, ho = p / s.Wo, wo = p % s.Wo;
     char* dst = a + r * s.KK * row;
     for (int64_t kh = 0; kh < s.KH; ++kh) {
       const int64_t h = ho * s.sh - s.pt + kh * s.dh;
+      const bool hin = h >= 0 && h < s.H;
       for (int64_t kw = 0; kw < s.KW; ++kw, dst += row) {
         const int64_t w = wo * s.sw - s.pl + kw * s.dw;
-        if (h < 0 || h >= s.H || w < 0 || w >= s.W) {
-          zero_row(dst, row);
-        } else {
-          copy_row(dst, xg + (h * s.W + w) * row, row);
-        }
+        put(dst, hin && w >= 0 && w < s.W ? xg + (h * s.W + w) * row : nullptr);
       }
     }
   }
+}
+
+void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a) {
+  const int64_t row = kip * es;
+#if ENGINE_ISA >= 2
+  // Rows of exactly 16, 32 or 64 bytes (4-16 float32 channels, 8-32
+  // bfloat16): plain loads and stores of that width; other rows up to 64
+  // bytes: one masked load and store, the mask made once.
+  switch (row) {
+    case 64:
+      return im2col_rows(xg, s, row, p0, M, a, [](char* dst, const char* src) {
+        _mm512_storeu_si512(dst, src ? _mm512_loadu_si512(src) : _mm512_setzero_si512());
+      });
+    case 32:
+      return im2col_rows(xg, s, row, p0, M, a, [](char* dst, const char* src) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                            src ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)) : _mm256_setzero_si256());
+      });
+    case 16:
+      return im2col_rows(xg, s, row, p0, M, a, [](char* dst, const char* src) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                         src ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)) : _mm_setzero_si128());
+      });
+    default: break;
+  }
+  if (row < 64) {
+    const __mmask64 m = (__mmask64{1} << row) - 1;
+    return im2col_rows(xg, s, row, p0, M, a, [m](char* dst, const char* src) {
+      _mm512_mask_storeu_epi8(dst, m, src ? _mm512_maskz_loadu_epi8(m, src) : _mm512_setzero_si512());
+    });
+  }
+#endif
+  im2col_rows(xg, s, row, p0, M, a, [row](char* dst, const char* src) {
+    if (src) {
+      copy_row(dst, src, row);
+    } else {
+      zero_row(dst, row);
+    }
+  });
 }
 
 // ----------------------------------------------------------------------------- gather_weight
