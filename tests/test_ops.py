@@ -192,6 +192,33 @@ def test_cpu_kernel_kept_counts_around_the_8_filter_tail(backend, monkeypatch, p
         run_and_check(x[:1], w, b, masks([kept], cout), None, 1, k // 2, 1, 1, channels_last=kept % 2 == 0)
 
 
+@pytest.mark.parametrize("path,dtype", CPU_KERNEL_VARIANTS)
+@pytest.mark.parametrize("k,cin", [(1, 24), (3, 24), (3, 9), (1, 9)])
+def test_cpu_kernel_reads_a_fully_kept_nhwc_sample_in_place(backend, monkeypatch, path, dtype, k, cin):
+    """A sample that keeps every input channel of an NHWC input in the
+    compute type is read in place (no gathered copy). Mixed here with samples
+    that keep fewer (gathered), in one batch, from a view whose samples are
+    not adjacent in memory; an odd channel count in bfloat16 (pairs) and
+    float32 take the gather and the in-place reading respectively."""
+    backend("cpu")
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, path)
+    cout, hw, n = 19, 7, 5
+    w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, dtype=dtype)
+    big = torch.randn(2 * n, cin, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = big[::2]  # every other sample: sample stride twice the sample size
+    assert x.is_contiguous(memory_format=torch.channels_last) is False and x.stride()[1] == 1
+    om = torch.rand(n, cout) < 0.6
+    im = torch.ones(n, cin, dtype=torch.bool)
+    im[1, : cin // 2] = False  # sample 1 gathers
+    im[3, -1] = False          # so does sample 3 (one channel off)
+    for in_mask in (im, None):
+        out = gated_conv2d(x, w, b, om, in_mask, 1, k // 2, 1, 1, relu=True)
+        xm = x * in_mask[:, :, None, None].to(dtype) if in_mask is not None else x
+        a = normalize_conv_args(xm, w, b, om, in_mask, 1, k // 2, 1, 1)
+        assert_matches_reference(out, xm.contiguous(), w, b, om, in_mask, a.stride, a.padding, a.dilation, 1, True)
+
+
 def test_packed_weights_follow_in_place_changes(backend):
     """The kernel caches packed weights per weight tensor: an in-place change
     (a new version) must be seen, and a freed weight's cache entry must never

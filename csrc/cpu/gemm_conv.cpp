@@ -224,6 +224,15 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
   std::vector<int32_t> cidx(N * s.C), fidx(N * s.O);
   std::vector<uint16_t> in_bits(N * cchunks, 0), out_bits(N * ochunks, 0);
   std::vector<int64_t> ki(N), kip(N), ko(N), xg_off(N + 1, 0);
+  // A sample that keeps every channel of an NHWC input already in the
+  // compute type is read in place: its "gathered" rows are x's own. (A
+  // ResNet block's first conv reads an ungated input: the copy was a whole
+  // extra pass over it, a quarter of a bottleneck's 1x1 reduce layer.)
+  // Strides of size-1 dimensions do not matter.
+  const auto xs = x.strides();
+  const bool in_place_ok = ct == xt && (s.C == 1 || xs[1] == 1) && (s.W == 1 || xs[3] == s.C) &&
+                           (s.H == 1 || xs[2] == s.W * s.C);
+  std::vector<char> in_place(N, 0);
   std::vector<int32_t> out_offs(N * ochunks), out_perm(N * ochunks * 16, 0), out_merge(N * ochunks * 16, 0),
       out_rest(N * ochunks * 16, 0);
   for (int64_t n = 0; n < N; ++n) {
@@ -262,7 +271,8 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
         rest[l] = 16 - fill + l < pop ? perm[16 - fill + l] : 0;
       }
     }
-    xg_off[n + 1] = xg_off[n] + s.H * s.W * kip[n] * es;
+    in_place[n] = in_place_ok && ki[n] == s.C && kip[n] == s.C;
+    xg_off[n + 1] = xg_off[n] + (in_place[n] ? 0 : s.H * s.W * kip[n] * es);
   }
   const int64_t max_kip = std::max<int64_t>(2, *std::max_element(kip.begin(), kip.end()));
   const int64_t max_kop = std::max<int64_t>(kFilterStep, filter_row(*std::max_element(ko.begin(), ko.end())));
@@ -277,12 +287,13 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
   // buffers showed up in profiles).
   std::unique_ptr<char[]> xg_buf(new char[std::max<int64_t>(xg_off[N], 1)]);
   char* const xg_data = xg_buf.get();
-  {
-    const auto xs = x.strides();
-    const char* xp = static_cast<const char*>(x.const_data_ptr());
-    const int64_t xes = x.element_size();
+  const char* const xp = static_cast<const char*>(x.const_data_ptr());
+  const int64_t xes = x.element_size();
+  auto xg_of = [&](int64_t n) -> const char* { return in_place[n] ? xp + n * xs[0] * xes : xg_data + xg_off[n]; };
+  if (std::count(in_place.begin(), in_place.end(), 0) > 0) {
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) {
+        if (in_place[n]) continue;
         k.gather_input(xp + n * xs[0] * xes, xt, ct, xs[1], xs[2], xs[3], s, cidx.data() + n * s.C,
                        in_bits.data() + n * cchunks, ki[n], kip[n], xg_data + xg_off[n]);
       }
@@ -360,8 +371,8 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t threads = at::get_num_threads();
   const int64_t a_row_bytes = s.KK * max_kip * es;
   auto a_of = [&](int64_t n, int64_t p0, int64_t M, char* buf) -> const char* {
-    if (direct_a) return xg_data + xg_off[n] + p0 * kip[n] * es;
-    k.im2col(xg_data + xg_off[n], s, kip[n], es, p0, M, buf);
+    if (direct_a) return xg_of(n) + p0 * kip[n] * es;
+    k.im2col(xg_of(n), s, kip[n], es, p0, M, buf);
     return buf;
   };
 
