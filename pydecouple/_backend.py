@@ -415,18 +415,23 @@ _FUSED: Optional[bool] = None  # whether pydecouple::accel_conv_cpu can be calle
 def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: torch.Tensor,
                     bias: Optional[torch.Tensor], gate: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                     stride, padding, dilation, groups: int, relu: bool, residual: Optional[torch.Tensor] = None,
-                    residual_relu: bool = False, *, backend: Optional[str] = None
-                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                    residual_relu: bool = False, *, backend: Optional[str] = None,
+                    x_means: Optional[torch.Tensor] = None, out_means: bool = False
+                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """An accelerated gated layer in one compiled call, where one can run it:
     the gate ``mask = W2 relu(W1 mean_hw(x) + b1) + b2 > 0`` (float32), the
     dense-or-kernel choice of :func:`gating_threshold` made in C++ from the
     counted masks, the conv with ``mask * relu?(conv + bias)`` and, with a
-    residual, ``relu?(y + residual)``. Returns ``(y, mask)``, or None where
-    the fused layer cannot run (not a CPU float tensor, grouped, a backend
-    pinned that it is not): the caller then runs the gate and :func:`run`.
+    residual, ``relu?(y + residual)``. Returns ``(y, mask, y_means)``, or
+    None where the fused layer cannot run (not a CPU float tensor, grouped, a
+    backend pinned that it is not): the caller then runs the gate and
+    :func:`run`.
 
     ``gate``: (w1, b1, w2, b2) in float32. ``x``'s channels that ``in_mask``
-    turns off must be zero (the producer's output is masked).
+    turns off must be zero (the producer's output is masked). ``x_means``:
+    x's float32 channel means (N, C), where the layer that wrote x returned
+    them: the gate then does not read x. ``out_means``: also return y's
+    (else ``y_means`` is None), for the next layer's gate.
     """
     global _FUSED
     if not x.is_cpu or x.dtype not in CPU_DTYPES or groups != 1 or x.dim() != 4:
@@ -452,8 +457,9 @@ def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: to
         if residual is not None:
             residual = residual.to(x.dtype)
     w1, b1, w2, b2 = gate
-    return _call_fused(x, in_mask, weight, bias, w1, b1, w2, b2, list(stride), list(padding), list(dilation), relu,
-                       residual, residual_relu, dense_above)
+    y, mask, y_means = _call_fused(x, in_mask, weight, bias, w1, b1, w2, b2, list(stride), list(padding),
+                                   list(dilation), relu, residual, residual_relu, dense_above, x_means, out_means)
+    return y, mask, (y_means if out_means else None)
 
 
 def _call_fused(*args):

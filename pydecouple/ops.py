@@ -79,9 +79,10 @@ def _fake_kernel(x, weight, bias, out_mask, in_mask, stride, padding, dilation, 
 
 
 def _fake_accel_conv(x, in_mask, weight, bias, w1, b1, w2, b2, stride, padding, dilation, relu, residual,
-                     residual_relu, dense_above):
-    return (_fake_output(x, weight, stride, padding, dilation),
-            x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bool))
+                     residual_relu, dense_above, x_means=None, out_means=False):
+    n, o = x.shape[0], weight.shape[0]
+    return (_fake_output(x, weight, stride, padding, dilation), x.new_empty((n, o), dtype=torch.bool),
+            x.new_empty((n, o) if out_means else (0,), dtype=torch.float32))
 
 
 if _backend.extension_available():

@@ -41,7 +41,11 @@ def _expected(x, w, b, w1, b1, w2, b2, in_mask, pad, relu, residual, residual_re
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("route", [ALWAYS_KERNEL, ALWAYS_DENSE], ids=["kernel", "dense"])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("n,cin,cout,h,k", [(1, 16, 24, 8, 3), (6, 33, 40, 5, 3), (3, 64, 64, 4, 1)])
+# Batch 1 and 3: the kernel's one-sample-at-a-time schedule; 6 and 4 its
+# groups of units (4 x 24 x 24: three position blocks per sample, whose
+# channel means are combined).
+@pytest.mark.parametrize("n,cin,cout,h,k", [(1, 16, 24, 8, 3), (6, 33, 40, 5, 3), (3, 64, 64, 4, 1),
+                                            (4, 8, 20, 24, 3)])
 @pytest.mark.parametrize("residual_kind", ["none", "relu", "plain"])
 def test_accel_conv_matches_its_formula(dtype, route, channels_last, n, cin, cout, h, k, residual_kind):
     x, w, b, w1, b1, w2, b2 = _case(n, cin, cout, h, k, dtype)
@@ -53,10 +57,18 @@ def test_accel_conv_matches_its_formula(dtype, route, channels_last, n, cin, cou
         if residual is not None:
             residual = residual.to(memory_format=torch.channels_last)
     pad = k // 2
-    y, mask = torch.ops.pydecouple.accel_conv_cpu(x, in_mask, w, b, w1, b1, w2, b2, [1, 1], [pad] * 4, [1, 1], True,
-                                                  residual, residual_kind == "relu", route)
+    args = (x, in_mask, w, b, w1, b1, w2, b2, [1, 1], [pad] * 4, [1, 1], True, residual, residual_kind == "relu",
+            route)
+    y, mask, y_means = torch.ops.pydecouple.accel_conv_cpu(*args, None, True)
     ref, ref_mask = _expected(x, w, b, w1, b1, w2, b2, in_mask, pad, True, residual, residual_kind == "relu")
     assert torch.equal(mask, ref_mask)
+    # out_means: the output's channel means (for the next gate), from the
+    # output as written (bfloat16 values included), in float32.
+    assert y_means.dtype == torch.float32 and y_means.shape == (n, cout)
+    torch.testing.assert_close(y_means.double(), y.double().mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)
+    # x_means given (as the producer computes them): the gate does not read x, the same result.
+    y2, mask2, none = torch.ops.pydecouple.accel_conv_cpu(*args, x.double().mean(dim=(2, 3)).float(), False)
+    assert torch.equal(mask2, mask) and torch.equal(y2, y) and none.numel() == 0
     assert y.dtype == dtype and y.shape == ref.shape
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or n == 1
     if dtype == torch.float32:
@@ -85,8 +97,9 @@ def test_accel_conv_large_gate_matches(monkeypatch, path, dtype, route, channels
     assert n * 64 * (cin + cout) > 2 ** 16
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    y, mask = torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2, b2, [1, 1], [0] * 4, [1, 1], True,
-                                                  None, False, route)
+    y, mask, y_means = torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2, b2, [1, 1], [0] * 4, [1, 1],
+                                                           True, None, False, route, None, True)
+    torch.testing.assert_close(y_means.double(), y.double().mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)
     ref, ref_mask = _expected(x, w, b, w1, b1, w2, b2, None, 0, True, None, False)
     assert torch.equal(mask, ref_mask) and 0 < int(mask.sum()) < mask.numel()
     if dtype == torch.float32:
@@ -103,6 +116,11 @@ def test_accel_conv_rejects_bad_gate_parameters():
     with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'residual' must be a CPU tensor of shape"):
         torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True,
                                             torch.randn(2, 12, 5, 5), False, 0.5)
+    for bad in (torch.zeros(2, 7), torch.zeros(2, 8, dtype=torch.float64), torch.zeros(8, 2).t()):
+        with pytest.raises(RuntimeError, match=r"accel_conv_cpu: argument 'x_means' must be a contiguous float32 CPU "
+                                               r"tensor of shape \(2, 8\), got "):
+            torch.ops.pydecouple.accel_conv_cpu(x, None, w, b, w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True,
+                                                None, False, 0.5, bad)
 
 
 def test_accel_conv_rejects_an_input_dtype_the_engine_has_no_kernels_for():

@@ -117,6 +117,60 @@ def test_zoo_equivalence(arch, cin, size, batch, kwargs):
     assert not any(p.requires_grad for p in accel.parameters())
 
 
+@pytest.mark.parametrize("arch,kwargs", [("small_vgg", {}), ("resnet20", {}),
+                                         ("resnet20", {"block": "bottleneck",
+                                                       "decouple_kwargs": {"gate_downsample": True}})],
+                         ids=["small_vgg", "resnet20", "resnet20-bottleneck"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_means_travel_from_the_layer_that_wrote_the_input(monkeypatch, arch, kwargs, channels_last):
+    """A gated layer whose output the next gated layer reads returns its
+    channel means (emit_means), and the consumer's gate uses them instead of
+    reading its input: every linked consumer receives them, nothing else
+    does, and the logits are the decoupled model's."""
+    from pydecouple import _backend
+    from pydecouple.accelerate.modules import AccelResidual
+    model, x = make_model(arch, 3, 32, 5, **kwargs)
+    with torch.no_grad():
+        ref = model(x)
+    accel = accelerate(model, channels_last=channels_last)
+    layers = [m for _, m in accel_layers(accel)]
+    emitting = [m for m in layers if m.emit_means]
+    assert emitting, "no layer was linked"
+    for block in (m for m in accel.modules() if isinstance(m, AccelResidual)):
+        assert all(c.emit_means for c in block.convs[:-1])  # conv1 (-> conv2) feed the next conv's gate
+    calls = []
+    real = _backend._call_fused
+
+    def spy(*args):
+        out = real(*args)
+        calls.append((args[-2] is not None, args[-1], out[2]))
+        return out
+
+    monkeypatch.setattr(_backend, "_call_fused", spy)
+    with torch.no_grad():
+        out = accel(x)
+    assert_logits_match(out, ref)
+    assert sum(emit for _, emit, _ in calls) == len(emitting)
+    # each consumer call right after an emitting call got its means, and only those
+    got = [given for given, _, _ in calls]
+    assert sum(got) >= 1 and all(not g or calls[i - 1][1] or _downsample_between(calls, i) for i, g in enumerate(got))
+    for given, emit, means in calls:
+        assert (means.shape[0] == x.shape[0]) if emit else means.numel() == 0
+    # without the links: the same logits, every gate reading its input
+    for m in emitting:
+        m.emit_means = False
+    calls.clear()
+    with torch.no_grad():
+        assert_logits_match(accel(x), ref)
+    assert not any(given for given, _, _ in calls)
+
+
+def _downsample_between(calls, i):
+    """A block's gated shortcut conv runs between the previous block's last
+    conv (the producer) and this block's conv1: look one call further back."""
+    return i >= 2 and calls[i - 2][1]
+
+
 @pytest.mark.parametrize("arch", ["small_vgg", "resnet20"])
 def test_masked_dense_route_equivalence(arch):
     """use_kernel=False (dense conv + mask, the benchmark's comparison) and the

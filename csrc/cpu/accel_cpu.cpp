@@ -5,7 +5,8 @@
 // fraction; the dispatcher; the conv. At batch 1 that Python (~35-45 us) cost
 // as much as the conv it saved. Here, in C++:
 //
-//   gate:  z = mean_hw(x) (the engine's vector loop, in double),
+//   gate:  z = mean_hw(x) (the engine's vector loop, in double), or
+//          x_means where the layer that wrote x computed them already,
 //          m = W2 relu(W1 z + b1) + b2 > 0, in float32 whatever x's dtype;
 //          small MLPs in plain loops (ATen's addmm/gt cost ~20 us a layer
 //          at batch 1), large ones through addmm
@@ -13,6 +14,10 @@
 //          measured crossover) the dense conv runs, else the GEMM engine
 //   conv:  y = m * relu?(conv(x) + bias), then y = relu?(y + residual)
 //          (a ResNet block's last conv: mask before the add, ReLU after)
+//   means: with out_means, the channel means of y as well, for the next
+//          layer's gate (its x_means): taken from each block of y while
+//          the epilogue has it in cache, instead of the consumer reading
+//          y again (a bottleneck's 1x1 reduce reads 4x its output).
 //
 // x's channels that in_mask turns off must be zero (in an accelerated model
 // they are: the producer wrote zeros there), so the dense route ignores it.
@@ -92,11 +97,12 @@ void check_param(const at::Tensor& t, const char* name, std::initializer_list<in
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accel_conv_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& in_mask_in, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias_in, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
     const at::Tensor& b2, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-    const c10::optional<at::Tensor>& residual_in, bool residual_relu, double dense_above) {
+    const c10::optional<at::Tensor>& residual_in, bool residual_relu, double dense_above,
+    const c10::optional<at::Tensor>& x_means, bool out_means) {
   const ConvShape s = check_conv("accel_conv_cpu", x, weight, stride, padding, dilation, 1);
   const int64_t N = x.size(0), hid = w1.size(0);
   check_param(w1, "w1", {hid, s.C});
@@ -126,12 +132,26 @@ std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
                 s.Wo, "), got ", residual.sizes());
   }
 
+  at::Tensor z;
+  if (x_means.has_value()) {
+    z = *x_means;
+    TORCH_CHECK(z.scalar_type() == at::kFloat && z.device().is_cpu() && z.sizes() == at::IntArrayRef({N, s.C}) &&
+                    z.is_contiguous(),
+                "accel_conv_cpu: argument 'x_means' must be a contiguous float32 CPU tensor of shape (", N, ", ", s.C,
+                "), got ", dtype_name(z.scalar_type()), " ", z.sizes());
+  }
+  // The output's channel means, for the next layer's gate (its x_means).
+  const at::Tensor zo = out_means ? at::empty({N, s.O}, x.options().dtype(at::kFloat)) : at::Tensor();
+
   // The gate, in float32: the channel means in the instruction set's own
   // vector loop, in double (ATen's mean over a channels_last bfloat16 batch,
-  // and a scalar loop, each cost as much as a small conv).
+  // and a scalar loop, each cost as much as a small conv), unless the
+  // producer of x wrote them (x_means), which saves a read of x.
   // (check_conv admitted float32, bfloat16 and float16 only: the engine's types.)
-  at::Tensor z = at::empty({N, s.C}, x.options().dtype(at::kFloat));
-  gate_channel_means(x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous), z);
+  if (!z.defined()) {
+    z = at::empty({N, s.C}, x.options().dtype(at::kFloat));
+    gate_channel_means(x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous), z);
+  }
   at::Tensor mask = at::empty({N, s.O}, x.options().dtype(at::kBool));
   const int64_t kept_filters = gate_mlp(z, w1, b1, w2, b2, mask);
 
@@ -153,11 +173,11 @@ std::tuple<at::Tensor, at::Tensor> accel_conv_cpu(
         ? residual.to(y.scalar_type()).contiguous(y.is_contiguous() ? at::MemoryFormat::Contiguous
                                                                     : at::MemoryFormat::ChannelsLast)
         : at::Tensor();
-    dense_mask_epilogue(y, mask.contiguous(), relu, res, residual_relu);
+    dense_mask_epilogue(y, mask.contiguous(), relu, res, residual_relu, zo);
   } else {
-    y = gated_conv2d_gemm(x, weight, bias, mask, in_mask, s, relu, nhwc, residual, residual_relu);
+    y = gated_conv2d_gemm(x, weight, bias, mask, in_mask, s, relu, nhwc, residual, residual_relu, zo);
   }
-  return {y, mask};
+  return {y, mask, out_means ? zo : at::empty({0}, x.options().dtype(at::kFloat))};
 }
 
 }  // namespace cpu
@@ -167,7 +187,7 @@ TORCH_LIBRARY_FRAGMENT(pydecouple, m) {
   m.def(
       "accel_conv_cpu(Tensor x, Tensor? in_mask, Tensor weight, Tensor? bias, Tensor w1, Tensor b1, Tensor w2, "
       "Tensor b2, int[] stride, int[] padding, int[] dilation, bool relu, Tensor? residual, bool residual_relu, "
-      "float dense_above) -> (Tensor, Tensor)");
+      "float dense_above, Tensor? x_means=None, bool out_means=False) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pydecouple, CPU, m) { m.impl("accel_conv_cpu", &pydecouple::cpu::accel_conv_cpu); }

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "gated_conv2d_cpu.h"
 #include "gemm_engine.h"
 #include "weight_cache.h"
 
@@ -136,7 +137,7 @@ Elem compute_type(CpuPath path, Elem xt) {
 const char* gemm_path_name() { return path_name(current_path()); }
 
 void dense_mask_epilogue(at::Tensor& y, const at::Tensor& mask, bool relu, const at::Tensor& residual,
-                         bool residual_relu) {
+                         bool residual_relu, const at::Tensor& out_means) {
   const int64_t N = y.size(0), O = y.size(1), P = y.size(2) * y.size(3);
   const bool nhwc = !y.is_contiguous();
   TORCH_INTERNAL_ASSERT(nhwc ? y.is_contiguous(at::MemoryFormat::ChannelsLast) : y.is_contiguous());
@@ -152,11 +153,27 @@ void dense_mask_epilogue(at::Tensor& y, const at::Tensor& mask, bool relu, const
   const void* rp = residual.defined() ? residual.const_data_ptr() : nullptr;
   const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
   const int64_t rows = nhwc ? N * P : N * O, len = nhwc ? O : P;
+  if (out_means.defined() && N >= 2 * at::get_num_threads()) {
+    // Sample by sample: its epilogue, then its channel means while it is in cache.
+    float* zp = out_means.data_ptr<float>();
+    const int64_t per_sample = rows / N;
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        k.mask_epilogue(yp, t, mp, O, P, nhwc, relu, rp, residual_relu, n * per_sample, (n + 1) * per_sample);
+        for (int64_t c0 = 0; c0 < O; c0 += 64) k.channel_means(yp, t, O, P, nhwc, n, c0, std::min(O, c0 + 64), zp);
+      }
+    });
+    return;
+  }
   // Rows of a few thousand elements per task: small layers stay on one thread.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1));
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
     k.mask_epilogue(yp, t, mp, O, P, nhwc, relu, rp, residual_relu, b, e);
   });
+  if (out_means.defined()) {
+    at::Tensor z = out_means;
+    gate_channel_means(y, z);
+  }
 }
 
 void gate_channel_means(const at::Tensor& x, at::Tensor& z) {
@@ -182,7 +199,8 @@ void gate_channel_means(const at::Tensor& x, at::Tensor& z) {
 
 at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& out_mask, const at::Tensor& in_mask, const ConvShape& s, bool relu,
-                             bool nhwc_out, const at::Tensor& residual_in, bool residual_relu) {
+                             bool nhwc_out, const at::Tensor& residual_in, bool residual_relu,
+                             const at::Tensor& out_means) {
   const int64_t N = x.size(0);
   const CpuPath path = current_path();
   const Elem xt = elem_of(x.scalar_type());
@@ -384,6 +402,10 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
     // sized for the C tiles alone im2col'd ahead up to 14 MB on a 16-filter
     // 32x32 layer at batch 32 (96 units of 256 rows), all from memory again.
     const int64_t group = kblocks.size() == 1 ? 1 : std::max<int64_t>(1, kCGroupBytes / (mb * max_kop * 4));
+    // The output's channel means, NHWC: each unit's block of rows while the
+    // epilogue has it in cache (means of M rows, weighted by M / P below).
+    const bool unit_means = out_means.defined() && nhwc_out;
+    std::vector<float> block_means(unit_means ? units * s.O : 0);
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
       std::vector<char> panel(panel_bytes);
       std::unique_ptr<char[]> abuf(new char[direct_a ? 1 : group * mb * a_row_bytes + 64]);
@@ -413,10 +435,29 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
           float* cu = cbuf.get() + (u - g0) * mb * max_kop;
           if (!started[u - g0]) std::fill(cu, cu + M * kf.kop, 0.0f);  // no input channel: bias (and ReLU) only
           k.epilogue(cu, kf.kop, M, p0, kf, 0, kf.ko, true, s, epi_of(n));
+          if (unit_means) {
+            const char* rows = outp + n * sample_out_bytes + p0 * s.O * out.element_size();
+            for (int64_t c0 = 0; c0 < s.O; c0 += 64)
+              k.channel_means(rows, ot, s.O, M, true, 0, c0, std::min(s.O, c0 + 64), block_means.data() + u * s.O);
+          }
         }
       }
       if (onednn) at::native::cpublas::brgemm_release(bf16);
     });
+    if (unit_means) {
+      float* zp = out_means.data_ptr<float>();
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t o = 0; o < s.O; ++o) {
+          double sum = 0.0;
+          for (int64_t b = 0; b < mblocks; ++b)
+            sum += static_cast<double>(block_means[(n * mblocks + b) * s.O + o]) * std::min(mb, s.P - b * mb);
+          zp[n * s.O + o] = static_cast<float>(sum / s.P);
+        }
+      }
+    } else if (out_means.defined()) {
+      at::Tensor z = out_means;
+      gate_channel_means(out, z);
+    }
     return out;
   }
 
@@ -460,6 +501,10 @@ at::Tensor gated_conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, cons
       }
       if (onednn) at::native::cpublas::brgemm_release(bf16);
     });
+  }
+  if (out_means.defined()) {  // few samples: the output is small and still in cache
+    at::Tensor z = out_means;
+    gate_channel_means(out, z);
   }
   return out;
 }

@@ -31,7 +31,7 @@ from .. import _backend
 from ..nn.gate import ArchitectureControl
 from ..nn.graph import ZERO_PRESERVING, trace_dataflow
 from ..nn.modules import BasicBlock, Bottleneck, GatedBatchNorm2d, GatedConv2d
-from .modules import AccelConv, AccelEntry, AccelResidual, AccelSequential, accel_layers
+from .modules import AccelConv, AccelEntry, AccelResidual, AccelSequential, accel_layers, link_gate_means
 
 __all__ = ["AccelerateSummary", "accelerate"]
 
@@ -159,7 +159,7 @@ class _Converter:
                 kinds.append("seq")
             elif self.recognised_residual(c):
                 stages.append(self.residual(c))
-                kinds.append("other")
+                kinds.append("block")
                 src = None
             elif isinstance(c, ZERO_PRESERVING):
                 stages.append(copy.deepcopy(c))
@@ -318,6 +318,8 @@ def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = Fal
         p.requires_grad_(False)
     for _, m in accel_layers(accel):
         m.backend = pinned
+    # A gated layer whose output the next gated layer reads hands it its channel means.
+    link_gate_means(accel)
     # Hooks of the decoupled model (its MaskChain) are not needed: masks travel as values.
     for m in accel.modules():
         m._forward_hooks = type(m._forward_hooks)()

@@ -1,6 +1,6 @@
 """The inference modules of an accelerated model.
 
-Masks travel as values (``(x, mask, kept fraction)`` triples through
+Masks travel as values (``(x, mask, kept fraction, channel means)`` through
 :meth:`AccelConv.run`, :class:`AccelSequential` and :class:`AccelResidual`),
 never through hooks or module state, so the forward has no host
 synchronisation on CUDA and traces with ``torch.compile(fullgraph=True)``,
@@ -31,7 +31,10 @@ from ..nn.gate import ArchitectureControl
 from .fold import fold_bn, fold_bn_into
 
 __all__ = ["AccelConv", "AccelEntry", "AccelGate", "AccelResidual", "AccelSequential", "Probe", "accel_layers",
-           "probing"]
+           "link_gate_means", "probing"]
+
+# What travels between stages: (x, mask, kept fraction, channel means), each but x optional.
+Flow = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float], Optional[torch.Tensor]]
 
 # probe(layer, x, mask, in_mask, y, gate_seconds, conv_seconds), called after each run of a layer.
 Probe = Callable[["AccelConv", torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, float,
@@ -112,12 +115,17 @@ class AccelGate(_NoScript, nn.Module):
 class AccelConv(_NoScript, nn.Module):
     """A folded conv (+BN) layer, gated or dense, with fused bias/ReLU/mask.
 
-    ``run(x, in_mask, in_frac) -> (y, mask, frac)``: ``mask`` is this layer's
-    out-mask when it is gated (the in-mask of a chained consumer), else None;
-    ``frac`` its kept fraction where it was counted (eager CPU), else None.
-    ``in_mask`` is used only if the decoupled model chained this conv to the
-    layer that produced it (``uses_in_mask``). ``forward(x)`` returns ``y``
-    only (for use outside an :class:`AccelSequential`).
+    ``run(x, in_mask, in_frac, x_means=...) -> (y, mask, frac, y_means)``:
+    ``mask`` is this layer's out-mask when it is gated (the in-mask of a
+    chained consumer), else None; ``frac`` its kept fraction where it was
+    counted (eager CPU), else None. ``in_mask`` is used only if the decoupled
+    model chained this conv to the layer that produced it
+    (``uses_in_mask``). ``x_means``: x's channel means, where the layer that
+    wrote x computed them (its gate then does not read x); ``y_means``: y's,
+    where ``emit_means`` asks for them (:func:`link_gate_means` sets it on a
+    layer whose consumer is a gated layer) and the fused layer ran, else
+    None. ``forward(x)`` returns ``y`` only (for use outside an
+    :class:`AccelSequential`).
 
     ``backend``: what the dispatcher is told (``'auto'``, or the backend
     :func:`~pydecouple.accelerate.accelerate` pinned: ``'dense'`` for
@@ -137,6 +145,7 @@ class AccelConv(_NoScript, nn.Module):
         self.relu = bool(relu)
         self.gate = AccelGate(conv.gate) if gated else None
         self.uses_in_mask = bool(uses_in_mask and gated)
+        self.emit_means = False
         self.backend = _backend.AUTO
         self.probe: Optional[Probe] = None
         self.name = name
@@ -146,9 +155,10 @@ class AccelConv(_NoScript, nn.Module):
     def extra_repr(self) -> str:
         kind = "gated" if self.gate is not None else "dense"
         pinned = "" if self.backend == _backend.AUTO else f", backend={self.backend!r}"
+        means = ", emit_means=True" if self.emit_means else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={tuple(self.stride)}, "
-                f"padding={tuple(self.pad4)}, {kind}, relu={self.relu}, in_mask={self.uses_in_mask}{pinned}")
+                f"padding={tuple(self.pad4)}, {kind}, relu={self.relu}, in_mask={self.uses_in_mask}{means}{pinned}")
 
     def _conv(self, x: torch.Tensor, mask: Optional[torch.Tensor], in_mask: Optional[torch.Tensor],
               in_frac: Optional[float]) -> Tuple[torch.Tensor, Optional[float]]:
@@ -182,11 +192,13 @@ class AccelConv(_NoScript, nn.Module):
         return g.w1, g.b1, g.w2, g.b2
 
     def run(self, x: torch.Tensor, in_mask: Optional[torch.Tensor] = None, in_frac: Optional[float] = None,
-            residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
-        """``(y, mask, kept fraction of mask or None)`` for input ``x`` and the
-        upstream mask (used only if this layer is chained to it). With a
-        ``residual`` (the last conv of a residual block): ``y = relu(y +
-        residual)``, fused into the layer where it runs in one call."""
+            residual: Optional[torch.Tensor] = None, x_means: Optional[torch.Tensor] = None) -> Flow:
+        """``(y, mask, kept fraction of mask or None, y's channel means or
+        None)`` for input ``x`` and the upstream mask (used only if this layer
+        is chained to it). With a ``residual`` (the last conv of a residual
+        block): ``y = relu(y + residual)``, fused into the layer where it runs
+        in one call. ``x_means``: x's channel means (float32 (N, C)), only
+        from the layer that wrote x."""
         params = self.gate_params()
         if params is not None:
             # Gate, dense-or-kernel choice, conv and residual in one compiled
@@ -194,12 +206,13 @@ class AccelConv(_NoScript, nn.Module):
             t0 = time.perf_counter() if self.probe is not None else 0.0
             fused = _backend.run_gated_layer(x, in_mask if self.uses_in_mask else None, self.weight, self.bias,
                                              params, self.stride, self.pad4, self.dilation, self.groups,
-                                             self.relu, residual, residual is not None, backend=self.backend)
+                                             self.relu, residual, residual is not None, backend=self.backend,
+                                             x_means=x_means, out_means=self.emit_means)
             if fused is not None:
                 if self.probe is not None:  # one call: its time is the conv's, the gate's inside it
                     self.probe(self, x, fused[1], in_mask if self.uses_in_mask else None, fused[0], 0.0,
                                time.perf_counter() - t0)
-                return fused[0], fused[1], None
+                return fused[0], fused[1], None, fused[2]
         if self.probe is not None:
             y, mask, frac = self._run_probed(x, in_mask, in_frac)
         else:
@@ -207,7 +220,7 @@ class AccelConv(_NoScript, nn.Module):
             y, frac = self._conv(x, mask, in_mask, in_frac)
         if residual is not None:
             y = torch.relu_(y.add_(residual))
-        return y, mask, frac
+        return y, mask, frac, None
 
     def _run_probed(self, x, in_mask, in_frac):
         t0 = time.perf_counter()
@@ -223,11 +236,13 @@ class AccelConv(_NoScript, nn.Module):
 
 
 class AccelSequential(_NoScript, nn.Module):
-    """A chain of stages through which masks travel as values.
+    """A chain of stages through which masks (and channel means) travel as values.
 
     ``kinds[i]``: ``"conv"`` (an :class:`AccelConv`: consumes and produces a
-    mask), ``"pass"`` (zero-preserving: the mask goes through), ``"seq"`` (a
-    nested :class:`AccelSequential`), or ``"other"`` (the mask stops).
+    mask), ``"pass"`` (zero-preserving: the mask goes through; the channel
+    means only through an ``nn.Identity``), ``"seq"`` (a nested
+    :class:`AccelSequential`), ``"block"`` (an :class:`AccelResidual`: the
+    mask stops, channel means go through), or ``"other"`` (both stop).
     """
 
     def __init__(self, stages: Sequence[nn.Module], kinds: Sequence[str]) -> None:
@@ -235,17 +250,22 @@ class AccelSequential(_NoScript, nn.Module):
         self.stages = nn.ModuleList(stages)
         self.kinds = list(kinds)
 
-    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, frac: Optional[float] = None
-            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
+    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, frac: Optional[float] = None,
+            means: Optional[torch.Tensor] = None) -> Flow:
         for kind, stage in zip(self.kinds, self.stages):
-            if kind == "conv" or kind == "seq":
-                x, mask, frac = stage.run(x, mask, frac)
+            if kind == "conv":
+                x, mask, frac, means = stage.run(x, mask, frac, x_means=means)
+            elif kind == "seq":
+                x, mask, frac, means = stage.run(x, mask, frac, means)
+            elif kind == "block":
+                x, mask, frac, means = stage.run(x, None, None, means)
             elif kind == "pass":
-                x = stage(x)
+                if not isinstance(stage, nn.Identity):
+                    x, means = stage(x), None
             else:
                 x = stage(x)
-                mask = frac = None
-        return x, mask, frac
+                mask = frac = means = None
+        return x, mask, frac, means
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
@@ -266,11 +286,11 @@ class AccelResidual(_NoScript, nn.Module):
         self.convs = nn.ModuleList(convs)
         self.downsample = downsample
 
-    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, frac: Optional[float] = None
-            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
-        return self.forward(x), None, None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, frac: Optional[float] = None,
+            means: Optional[torch.Tensor] = None) -> Flow:
+        """``(y, None, None, y's channel means or None)``: the block's output
+        masks nothing (the shortcut fills every channel). ``means``: x's
+        channel means, from the layer that wrote x."""
         if self.downsample is None:
             identity = x
         elif isinstance(self.downsample, (AccelConv, AccelSequential)):
@@ -279,10 +299,14 @@ class AccelResidual(_NoScript, nn.Module):
             identity = self.downsample(x)
         out, m, f = x, None, None
         for conv in self.convs[:-1]:
-            out, m, f = conv.run(out, m, f)
+            out, m, f, means = conv.run(out, m, f, x_means=means)
         # The last conv adds the shortcut and applies the block's ReLU in its
         # epilogue (mask before the add, as the decoupled block does).
-        return self.convs[-1].run(out, m, f, residual=identity)[0]
+        y, _, _, means = self.convs[-1].run(out, m, f, residual=identity, x_means=means)
+        return y, None, None, means
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[0]
 
 
 class AccelEntry(_NoScript, nn.Module):
@@ -368,6 +392,47 @@ class AccelEntry(_NoScript, nn.Module):
         traced = self._traced(x)
         out = traced(x) if traced is not None else self.inner(x)
         return out.to(in_dtype) if out.is_floating_point() and out.dtype != in_dtype else out
+
+
+def _fused_gate(stage: nn.Module) -> Optional[AccelConv]:
+    """``stage`` if it is a gated layer that runs fused (and so can take or
+    give channel means), else None."""
+    return stage if isinstance(stage, AccelConv) and stage.gate_params() is not None and stage.groups == 1 else None
+
+
+def _ends(kind: str, stage: nn.Module, first: bool) -> Optional[AccelConv]:
+    """The fused gated layer that reads ``stage``'s input first (``first``),
+    or writes its output last; None if that is not one."""
+    if kind == "conv":
+        return _fused_gate(stage)
+    if kind == "block":
+        return _fused_gate(stage.convs[0] if first else stage.convs[-1])
+    if kind == "seq":
+        inner = [(k, s) for k, s in zip(stage.kinds, stage.stages) if not isinstance(s, nn.Identity)]
+        return _ends(*(inner[0] if first else inner[-1]), first) if inner else None
+    return None
+
+
+def link_gate_means(accel: nn.Module) -> int:
+    """Ask every fused gated layer whose output a fused gated layer reads
+    next to return that output's channel means (``emit_means``), so that the
+    consumer's gate does not read its input again. Returns the number of
+    links. Run by :func:`~pydecouple.accelerate.accelerate`; a chain the
+    modules do not see (a user's forward between two layers) is not linked."""
+    links = 0
+    for m in accel.modules():
+        if isinstance(m, AccelResidual):
+            pairs = [(a, b) for a, b in zip(m.convs[:-1], m.convs[1:])]
+        elif isinstance(m, AccelSequential):
+            inner = [(k, s) for k, s in zip(m.kinds, m.stages) if not isinstance(s, nn.Identity)]
+            pairs = [(_ends(*a, first=False), _ends(*b, first=True)) for a, b in zip(inner[:-1], inner[1:])]
+        else:
+            continue
+        for producer, consumer in pairs:
+            if _fused_gate(producer) is not None and _fused_gate(consumer) is not None:
+                producer.emit_means = True
+                links += 1
+    return links
 
 
 def accel_layers(accel: nn.Module) -> List[Tuple[str, AccelConv]]:
