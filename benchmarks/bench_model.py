@@ -225,8 +225,8 @@ def run_suite(args, batch_sizes, dtypes) -> int:
     for arch, kept in SUITE:
         dense, dec = synthetic_pair(arch, kept, images)
         for r in benchmark_models(dense, dec, images, batch_sizes, args.repeats, min_time=args.min_time,
-                                  compile=args.compile, dtypes=dtypes):
-            if r["provider"] in ("accelerated", "accelerated all-on", "dense best"):
+                                  compile=args.compile, dtypes=dtypes, tune=args.tune):
+            if r["provider"] in ("accelerated", "accelerated all-on", "dense best", "accelerated traced rule"):
                 rows.append(dict(model=arch, kept=kept, **r))
         print(f"bench_model: {arch} kept {kept} done", file=sys.stderr)
     summary = []
@@ -236,24 +236,39 @@ def run_suite(args, batch_sizes, dtypes) -> int:
                 sel = {r["provider"]: r for r in rows if r["model"] == arch and r["kept"] == kept
                        and r["dtype"] == str(dt).replace("torch.", "") and r["batch"] == b}
                 a, on, base = sel["accelerated"], sel["accelerated all-on"], sel["dense best"]
+                # The fastest dense twin in any dtype timed (a user picks the dtype too: on a
+                # CPU without a bfloat16 dot product float32 is faster), from the same suite run.
+                fastest = min((r for r in rows if r["model"] == arch and r["kept"] == kept and r["batch"] == b
+                               and r["provider"] == "dense best"), key=lambda r: r["latency_ms"])
+                rule = sel.get("accelerated traced rule")
                 summary.append(dict(model=arch, kept=kept, dtype=a["dtype"], batch=b, flops_ratio=a["flops_ratio"],
                                     baseline=f"{base['best_of']} {base['latency_ms']:.2f} ms",
                                     accelerated_ms=a["latency_ms"], accelerated_layout=a["best_of"],
                                     speedup=a["speedup"], ideal=a["ideal_speedup"], efficiency=a["efficiency"],
-                                    all_on=on["speedup"]))
+                                    rule_speedup=rule["speedup"] if rule else float("nan"),
+                                    all_on=on["speedup"],
+                                    vs_fastest_dense=fastest["latency_ms"] / a["latency_ms"],
+                                    fastest_dense=f"{fastest['dtype']} {fastest['best_of']}"))
     out = Path(args.out)
-    write_csv(str(out / "model_suite.csv"), summary)
+    name = args.name or "model_suite"
+    write_csv(str(out / f"{name}.csv"), summary)
     desc = machine_description()
     cols = ["model", "kept", "dtype", "batch", "flops_ratio", "baseline", "accelerated_ms", "accelerated_layout",
-            "speedup", "ideal", "efficiency", "all_on"]
+            "speedup", "ideal", "efficiency"] + (["rule_speedup"] if args.tune else []) + \
+        ["all_on", "vs_fastest_dense", "fastest_dense"]
     md = ["# Accelerated models against the best dense twin", "", machine_header(desc), "",
           f"- images: {data_desc}, {len(images)} images; random weights, BN statistics randomised, gates "
           "calibrated to the kept fraction per layer",
           f"- command: `python benchmarks/bench_model.py {' '.join(sys.argv[1:])}`", "",
           "baseline: the dense twin (BN folded) in the same dtype and its faster layout; speedup = baseline / "
           "accelerated (its faster layout); efficiency = speedup x FLOPs ratio; all_on = the same with every gate "
-          "forced on, over the baseline.", "", markdown_table(summary, cols)]
-    (out / "model_suite.md").write_text("\n".join(md) + "\n")
+          "forced on, over the baseline. "
+          + ("The accelerated models route each gated layer by its crossover measured on this machine "
+             "(pydecouple.accelerate.tune, cached); rule_speedup is the traced model routed by the fitted rule "
+             "instead, timed beside it. " if args.tune else "Gated layers route by the fitted rule (--no-tune). ")
+          + "vs_fastest_dense: the accelerated model against the fastest dense twin of any dtype timed in this run "
+          "(fastest_dense).", "", markdown_table(summary, cols)]
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
@@ -285,7 +300,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--suite", action="store_true",
                    help="the issue-13 model set with random weights, one summary table (model_suite.md)")
-    p.add_argument("--name", help="file stem under --out (default: model_<arch>[_kept<k>])")
+    p.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="route gated layers by the fitted rule instead of crossovers measured on this machine "
+                        "(pydecouple.accelerate.tune; measured once, then cached)")
+    p.add_argument("--name", help="file stem under --out (default: model_<arch>[_kept<k>], model_suite)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.upsample < 1:
@@ -365,7 +383,7 @@ def main(argv=None) -> int:
     dense, dec, images = dense.to(dev), dec.to(dev), images.to(dev)
     labels = labels.to(dev) if labels is not None else None
     rows = benchmark_models(dense, dec, images, batch_sizes, args.repeats, labels=labels, min_time=args.min_time,
-                            compile=args.compile, dtypes=dtypes)
+                            compile=args.compile, dtypes=dtypes, tune=args.tune and args.device == "cpu")
     for r in rows:
         r["arch"] = arch
 

@@ -416,7 +416,8 @@ def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: to
                     bias: Optional[torch.Tensor], gate: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                     stride, padding, dilation, groups: int, relu: bool, residual: Optional[torch.Tensor] = None,
                     residual_relu: bool = False, *, backend: Optional[str] = None,
-                    x_means: Optional[torch.Tensor] = None, out_means: bool = False
+                    x_means: Optional[torch.Tensor] = None, out_means: bool = False,
+                    dense_above: Optional[float] = None
                     ) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """An accelerated gated layer in one compiled call, where one can run it:
     the gate ``mask = W2 relu(W1 mean_hw(x) + b1) + b2 > 0`` (float32), the
@@ -432,6 +433,9 @@ def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: to
     x's float32 channel means (N, C), where the layer that wrote x returned
     them: the gate then does not read x. ``out_means``: also return y's
     (else ``y_means`` is None), for the next layer's gate.
+    ``dense_above``: the layer's measured crossover
+    (:func:`pydecouple.accelerate.tune`), which replaces the rule's under
+    automatic choice; a pinned backend ignores it.
     """
     global _FUSED
     if not x.is_cpu or x.dtype not in CPU_DTYPES or groups != 1 or x.dim() != 4:
@@ -443,9 +447,10 @@ def run_gated_layer(x: torch.Tensor, in_mask: Optional[torch.Tensor], weight: to
     if backend is None:
         backend = requested() or AUTO
     if backend == AUTO:
-        n, _, h, w = x.shape
-        co, ci, kh, kw = weight.shape
-        dense_above = gating_threshold(n, h * w, ci * kh * kw, co)
+        if dense_above is None:
+            n, _, h, w = x.shape
+            co, ci, kh, kw = weight.shape
+            dense_above = gating_threshold(n, h * w, ci * kh * kw, co)
     elif backend == "cpu":
         dense_above = 2.0  # the kernel for every kept fraction
     elif backend == "dense":

@@ -182,7 +182,7 @@ def bench_layer(name: str, cin: int, cout: int, h: int, k: int, batch: int, f: f
 
 PROVIDERS = ["dense", "dense folded", "dense folded cl", "accelerated masked-dense", "accelerated nchw",
              "accelerated cl", "decoupled masked-dense", "dense folded traced", "accelerated traced",
-             "accelerated all-on", "dense best", "accelerated"]
+             "accelerated all-on", "accelerated traced rule", "dense best", "accelerated"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -267,7 +267,8 @@ class _Entry(nn.Module):
 def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images: torch.Tensor,
                      batch_sizes: Sequence[int] = (1, 32), repeats: int = 9, *, labels: Optional[torch.Tensor] = None,
                      min_time: float = 0.2, flops_images: int = 512, compile: bool = False,
-                     dtypes: Sequence[torch.dtype] = (torch.float32,)) -> List[Dict[str, object]]:
+                     dtypes: Sequence[torch.dtype] = (torch.float32,), tune: bool = False
+                     ) -> List[Dict[str, object]]:
     """Time the accelerated decoupled model against the dense twin a user would run.
 
     The baseline of every speedup is the dense model with BN folded (the same
@@ -303,6 +304,11 @@ def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images:
         compile: also time ``torch.compile(fullgraph=True)`` of the best
             dense and accelerated layouts (minutes of compilation on 2 cores).
         dtypes: float32 and/or bfloat16.
+        tune: each accelerated model's gated layers route by crossovers
+            measured on this machine at ``batch_sizes``
+            (:func:`pydecouple.accelerate.tune`, cached per machine) instead
+            of the fitted rule; ``accelerated traced rule`` is then the
+            traced model with the rule, timed beside it.
 
     Returns:
         One dict per (dtype, batch size, provider): dtype, provider, batch,
@@ -312,7 +318,13 @@ def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images:
         agreement.
     """
     from .accelerate import accelerate
+    from .accelerate import tune as tune_layers
     from .flops import flops
+
+    def tuned(model: nn.Module) -> nn.Module:
+        if tune:
+            tune_layers(model, images[:max(batch_sizes)], batches=batch_sizes)
+        return model
 
     dense = copy.deepcopy(dense_model).eval()
     dec = copy.deepcopy(decoupled_model).eval()
@@ -333,14 +345,14 @@ def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images:
             "dense folded": folded if f32 else _Entry(_to(folded, dtype, False), dtype, False),
             "dense folded cl": _Entry(_to(folded, dtype, True), dtype, True),
             "accelerated masked-dense": accelerate(dec, use_kernel=False, dtype=None if f32 else dtype),
-            "accelerated nchw": accelerate(dec, dtype=None if f32 else dtype),
-            "accelerated cl": accelerate(dec, dtype=None if f32 else dtype, channels_last=True),
+            "accelerated nchw": tuned(accelerate(dec, dtype=None if f32 else dtype)),
+            "accelerated cl": tuned(accelerate(dec, dtype=None if f32 else dtype, channels_last=True)),
         }
         if f32:
             models["decoupled masked-dense"] = masked_dense(dec)
         if compile:
             models["dense folded compiled"] = torch.compile(models["dense folded"], fullgraph=True, dynamic=False)
-            models["accelerated compiled"] = torch.compile(accelerate(dec, dtype=None if f32 else dtype),
+            models["accelerated compiled"] = torch.compile(tuned(accelerate(dec, dtype=None if f32 else dtype)),
                                                            fullgraph=True, dynamic=False)
         acc: Dict[str, float] = {}
         agree: Dict[str, float] = {}
@@ -368,12 +380,15 @@ def benchmark_models(dense_model: nn.Module, decoupled_model: nn.Module, images:
             acc_cl = t["accelerated cl"] < t["accelerated nchw"]
             traced = {"dense folded traced": accelerate(dense, dtype=None if f32 else dtype, channels_last=dense_cl,
                                                         executor="trace"),
-                      "accelerated traced": accelerate(dec, dtype=None if f32 else dtype, channels_last=acc_cl,
-                                                       executor="trace"),
+                      "accelerated traced": tuned(accelerate(dec, dtype=None if f32 else dtype,
+                                                             channels_last=acc_cl, executor="trace")),
                       # every gate on, in the accelerated model's faster layout, traced: what gating costs
                       # a user of that configuration when nothing can be skipped
-                      "accelerated all-on": accelerate(all_on, dtype=None if f32 else dtype, channels_last=acc_cl,
-                                                       executor="trace")}
+                      "accelerated all-on": tuned(accelerate(all_on, dtype=None if f32 else dtype,
+                                                             channels_last=acc_cl, executor="trace"))}
+            if tune:  # the fitted rule beside the measured crossovers
+                traced["accelerated traced rule"] = accelerate(dec, dtype=None if f32 else dtype,
+                                                               channels_last=acc_cl, executor="trace")
             # The first round's faster dense twin runs again beside them, and the
             # traced times are scaled by its two timings: every ratio is then one
             # of times measured side by side (a second round alone drifted by tens

@@ -144,3 +144,38 @@ def test_accel_conv_rejects_bad_masks_and_bias():
                                            r"Double \[12\]"):
         torch.ops.pydecouple.accel_conv_cpu(x, None, w, b.double(), w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True,
                                             None, False, 0.5)
+
+
+@pytest.mark.parametrize("path", [p for p in MEAN_PATHS if p != "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cin,cout,h", [(3, 13, 5), (21, 3, 7), (40, 33, 3)])
+@pytest.mark.parametrize("residual_kind", ["none", "relu", "plain"])
+def test_dense_route_passes_match_the_portable_code(monkeypatch, path, dtype, channels_last, cin, cout, h,
+                                                    residual_kind):
+    """The dense route's vectorised passes (mask, ReLU, residual add and
+    ReLU; the gate's and the output's channel means) of each instruction
+    set against the portable C++ of the same op: channel counts that leave
+    vector tails (3, 13, 21, 33, 40 against 8 and 16 lanes), 9-49
+    positions, every element type."""
+    n = 4
+    x, w, b, w1, b1, w2, b2 = _case(n, cin, cout, h, 3, dtype)
+    # each filter kept by two samples of four: b2 halfway between the 2nd and
+    # 3rd logit (no logit near 0, so both paths' means give the same mask)
+    logits = F.linear(F.relu(F.linear(x.float().mean(dim=(2, 3)), w1, b1)), w2, b2).sort(dim=0).values
+    b2 = b2 - (logits[1] + logits[2]) / 2
+    residual = torch.randn(n, cout, h, h).to(dtype) if residual_kind != "none" else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        residual = residual.to(memory_format=torch.channels_last) if residual is not None else None
+    args = (x, None, w, b, w1, b1, w2, b2, [1, 1], [1] * 4, [1, 1], True, residual, residual_kind == "relu",
+            ALWAYS_DENSE, None, True)
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, "generic")
+    y_ref, mask_ref, means_ref = torch.ops.pydecouple.accel_conv_cpu(*args)
+    monkeypatch.setenv(pydecouple.isa.ENV_VAR, path)
+    y, mask, means = torch.ops.pydecouple.accel_conv_cpu(*args)
+    assert int(mask_ref.sum()) == mask_ref.numel() // 2
+    assert torch.equal(mask, mask_ref)
+    assert torch.equal(y, y_ref)  # the same float operations per element, the same rounding
+    torch.testing.assert_close(means, means_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(means.double(), y.double().mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)

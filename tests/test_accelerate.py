@@ -310,8 +310,9 @@ def test_trained_checkpoint():
     assert torch.equal(out.argmax(1), ref.argmax(1))
 
 
-def test_benchmark_models_api():
+def test_benchmark_models_api(tmp_path, monkeypatch):
     """pydecouple.benchmarking.benchmark_models (benchmarks/bench_model.py and the demo use it)."""
+    from pydecouple.accelerate import tuning
     from pydecouple.benchmarking import PROVIDERS, benchmark_models
 
     dense = build("tiny_cnn", in_channels=1).eval()
@@ -320,7 +321,8 @@ def test_benchmark_models_api():
     mix_gates(dec, torch.rand(8, 1, 8, 8))
     images, labels = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
     rows = benchmark_models(dense, dec, images, [1, 8], repeats=1, labels=labels, min_time=0.0)
-    assert [(r["batch"], r["provider"]) for r in rows] == [(b, p) for b in (1, 8) for p in PROVIDERS]
+    untuned = [p for p in PROVIDERS if p != "accelerated traced rule"]  # that one only beside tuned models
+    assert [(r["batch"], r["provider"]) for r in rows] == [(b, p) for b in (1, 8) for p in untuned]
     for r in rows:
         assert r["latency_ms"] > 0 and 0 < r["flops_ratio"] <= 1.0 + 1e-9 or r["provider"] == "accelerated all-on"
         if r["provider"] in ("dense folded", "accelerated nchw", "accelerated", "decoupled masked-dense"):
@@ -335,3 +337,8 @@ def test_benchmark_models_api():
     rows = benchmark_models(dense, dec, images, [2], repeats=1, labels=labels, min_time=0.0, dtypes=[torch.bfloat16])
     by = {r["provider"]: r for r in rows}
     assert by["accelerated"]["dtype"] == "bfloat16" and 0.0 <= by["accelerated"]["agreement"] <= 1.0
+    # tune=True: the accelerated models route by measured crossovers, the rule's traced model beside them
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "crossovers.json"))
+    rows = benchmark_models(dense, dec, images, [2], repeats=1, min_time=0.0, tune=True)
+    assert [r["provider"] for r in rows] == PROVIDERS
+    assert (tmp_path / "crossovers.json").is_file()

@@ -32,6 +32,10 @@ host, on CPU tensors only and never while a graph is captured
 (``torch.compile``, ``torch.export``, ``torch.jit.trace``: the kernel always
 runs there, with every mask applied).
 
+``tune(accel_model, x)`` measures each gated layer's dense-or-kernel
+crossover on this machine (cached per machine) and sets it on the layer
+(:mod:`.tuning`); without it a rule fitted on one CPU decides.
+
 ``profile(accel_model, x)`` times every layer's gate, conv and the rest
 (:mod:`.profiling`).
 """
@@ -40,8 +44,10 @@ from .convert import AccelerateSummary, accelerate
 from .fold import fold_bn, fold_bn_into
 from .modules import AccelConv, AccelGate, AccelResidual, AccelSequential, accel_layers, probing
 from .profiling import LayerProfile, ModelProfile, profile
+from .tuning import TuneReport, tune
 
 __all__ = [
     "accelerate", "AccelerateSummary", "AccelConv", "AccelGate", "AccelSequential", "AccelResidual",
     "fold_bn", "fold_bn_into", "profile", "LayerProfile", "ModelProfile", "accel_layers", "probing",
+    "tune", "TuneReport",
 ]

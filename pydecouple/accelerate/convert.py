@@ -250,8 +250,8 @@ class _Converter:
 
 
 def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = False,
-               dtype: Optional[torch.dtype] = None, channels_last: bool = False, executor: str = "eager"
-               ) -> nn.Module:
+               dtype: Optional[torch.dtype] = None, channels_last: bool = False, executor: str = "eager",
+               tune: Optional[torch.Tensor] = None) -> nn.Module:
     """An inference module computing ``model``'s eval function with gated kernels.
 
     Args:
@@ -277,6 +277,12 @@ def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = Fal
             small networks, see :class:`~.modules.AccelEntry` for when it
             falls back to eager). Eager is the default because
             ``torch.jit.trace`` is deprecated in torch 2.13.
+        tune: an example batch (N, C, H, W): each gated layer's
+            dense-or-kernel crossover is measured on this machine for inputs
+            of its size and batch, or read from the per-machine cache
+            (:func:`~pydecouple.accelerate.tuning.tune`, which also tunes
+            several batch sizes). Without it, a rule fitted on one CPU
+            (:func:`pydecouple._backend.gating_threshold`) decides.
 
     Returns:
         A new ``nn.Module`` in eval mode whose parameters do not require grad.
@@ -333,4 +339,10 @@ def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = Fal
         log.warning("accelerate: %s: %s", name or type(model).__name__, why)
     if verbose:
         print(summary)
+    if tune is not None:
+        from .tuning import tune as tune_layers
+
+        report = tune_layers(accel, tune)
+        if verbose:
+            print(report.table())
     return accel

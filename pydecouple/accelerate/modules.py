@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 import warnings
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -146,6 +147,10 @@ class AccelConv(_NoScript, nn.Module):
         self.gate = AccelGate(conv.gate) if gated else None
         self.uses_in_mask = bool(uses_in_mask and gated)
         self.emit_means = False
+        # Measured dense-or-kernel crossovers (tuning.tune): (H, W) -> [(batch,
+        # dense_above)] sorted by batch; empty: the dispatcher's rule decides.
+        self.crossovers: Dict[Tuple[int, int], List[Tuple[int, float]]] = {}
+        self._crossover_of: Dict[Tuple[int, int, int], Optional[float]] = {}  # memo per (N, H, W)
         self.backend = _backend.AUTO
         self.probe: Optional[Probe] = None
         self.name = name
@@ -183,6 +188,25 @@ class AccelConv(_NoScript, nn.Module):
                          self.groups, self.relu, backend=self.backend, kept=kept, x_masked=True)
         return y, frac
 
+    def set_crossover(self, height: int, width: int, batch: int, dense_above: float) -> None:
+        """Run the kernel at kept fractions <= ``dense_above`` on inputs of
+        ``height`` x ``width`` near ``batch`` (a measured crossover, see
+        :func:`~pydecouple.accelerate.tuning.tune`), dense conv above."""
+        rows = [r for r in self.crossovers.get((height, width), []) if r[0] != batch]
+        self.crossovers[(height, width)] = sorted(rows + [(int(batch), float(dense_above))])
+        self._crossover_of = {}
+
+    def crossover_for(self, n: int, h: int, w: int) -> Optional[float]:
+        """The measured crossover for a batch of ``n`` images of ``h`` x
+        ``w``: that of the measured batch nearest to ``n`` in log scale; None
+        where this image size was not measured (the rule then decides)."""
+        key = (n, h, w)
+        if key not in self._crossover_of:
+            rows = self.crossovers.get((h, w))
+            self._crossover_of[key] = (min(rows, key=lambda r: abs(math.log(max(n, 1) / r[0])))[1]
+                                       if rows else None)
+        return self._crossover_of[key]
+
     def gate_params(self) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The gate's (w1, b1, w2, b2) for the fused layer, or None where the
         gate is forced open or is an ACM of its own structure."""
@@ -204,10 +228,12 @@ class AccelConv(_NoScript, nn.Module):
             # Gate, dense-or-kernel choice, conv and residual in one compiled
             # call where the dispatcher has one for this input.
             t0 = time.perf_counter() if self.probe is not None else 0.0
+            dense_above = self.crossover_for(x.shape[0], x.shape[2], x.shape[3]) \
+                if self.crossovers and x.dim() == 4 else None
             fused = _backend.run_gated_layer(x, in_mask if self.uses_in_mask else None, self.weight, self.bias,
                                              params, self.stride, self.pad4, self.dilation, self.groups,
                                              self.relu, residual, residual is not None, backend=self.backend,
-                                             x_means=x_means, out_means=self.emit_means)
+                                             x_means=x_means, out_means=self.emit_means, dense_above=dense_above)
             if fused is not None:
                 if self.probe is not None:  # one call: its time is the conv's, the gate's inside it
                     self.probe(self, x, fused[1], in_mask if self.uses_in_mask else None, fused[0], 0.0,
