@@ -155,6 +155,79 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
+// ----------------------------------------------------------------------------- AVX2 vector helpers
+
+#if ENGINE_ISA == 1
+// AVX2 has no mask registers: tails are lane masks (all ones in the first n
+// 32-bit lanes) for maskload/maskstore of float32, and a bounce through a
+// small buffer for the 16-bit types.
+alignas(32) constexpr int32_t kTailLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+inline __m256i tail8(int64_t n) {
+  n = std::min<int64_t>(std::max<int64_t>(n, 0), 8);
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailLanes + 8 - n));
+}
+
+inline __m256 widen8(__m128i h, Elem t) {  // 8 bfloat16 or float16 as floats
+  return t == Elem::bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+// 8 elements of type t (the first n valid, the rest read as 0) as floats.
+inline __m256 load8(const void* p, Elem t, int64_t n) {
+  if (n >= 8) {
+    if (t == Elem::f32) return _mm256_loadu_ps(static_cast<const float*>(p));
+    return widen8(_mm_loadu_si128(static_cast<const __m128i*>(p)), t);
+  }
+  if (t == Elem::f32) return _mm256_maskload_ps(static_cast<const float*>(p), tail8(n));
+  alignas(16) uint16_t buf[8] = {};
+  std::memcpy(buf, p, std::max<int64_t>(n, 0) * 2);
+  return widen8(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)), t);
+}
+
+// Round 8 floats to bfloat16 (nearest even; NaN quiet), as 16-bit lanes.
+inline __m128i f32_to_bf16_8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  // Every lane is below 2^16: the unsigned pack is exact; it packs within
+  // 128-bit halves, so the two 64-bit results are brought together.
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+inline __m128i narrow8(__m256 v, Elem t) {
+  return t == Elem::bf16 ? f32_to_bf16_8(v) : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// The first n of 8 floats stored as type t (n >= 8: all of them).
+inline void store8(void* p, Elem t, __m256 v, int64_t n) {
+  if (n >= 8) {
+    if (t == Elem::f32) {
+      _mm256_storeu_ps(static_cast<float*>(p), v);
+    } else {
+      _mm_storeu_si128(static_cast<__m128i*>(p), narrow8(v, t));
+    }
+    return;
+  }
+  if (n <= 0) return;
+  if (t == Elem::f32) {
+    _mm256_maskstore_ps(static_cast<float*>(p), tail8(n), v);
+    return;
+  }
+  alignas(16) uint16_t buf[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(buf), narrow8(v, t));
+  std::memcpy(p, buf, n * 2);
+}
+
+// The lanes of 8 mask bytes that are nonzero, as a lane mask (first n bytes).
+inline __m256 keep8(const uint8_t* m, int64_t n) {
+  int64_t bytes = 0;
+  std::memcpy(&bytes, m, std::min<int64_t>(n, 8));
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, _mm256_setzero_si256()));
+}
+#endif
+
 // ----------------------------------------------------------------------------- gather_input
 
 void gather_input(const void* x, Elem xt, Elem ct, int64_t sC, int64_t sH, int64_t sW, const ConvShape& s,
@@ -824,6 +897,52 @@ void mask_epilogue_t(char* yb, const uint8_t* mask, int64_t O, int64_t P, bool n
   }
 }
 
+#elif ENGINE_ISA == 1
+// The same pass in 8-lane AVX2 vectors: a kept lane is the loaded value
+// ANDed with the sample's keep mask (no masked loads), a row's tail of
+// O % 8 channels through the tail helpers.
+template <Elem T, bool RELU, int RES>
+void mask_epilogue_t(char* yb, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, const char* rb, int64_t b,
+                     int64_t e) {
+  constexpr int64_t es = T == Elem::f32 ? 4 : 2;
+  const __m256 zero = _mm256_setzero_ps();
+  auto vec = [&](char* out, const char* res, __m256 keep, int64_t n) {
+    __m256 v = _mm256_and_ps(load8(out, T, n), keep);
+    if constexpr (RELU) v = _mm256_max_ps(v, zero);
+    if constexpr (RES > 0) {
+      v = _mm256_add_ps(v, load8(res, T, n));
+      if constexpr (RES == 2) v = _mm256_max_ps(v, zero);
+    }
+    store8(out, T, v, n);
+  };
+  if (nhwc) {
+    const int64_t nw = (O + 7) / 8;
+    std::vector<float> words(8 * nw);  // the sample's keep lanes, 8 channels a vector
+    for (int64_t i = b, n = b / P, p = b % P; i < e; ++n, p = 0) {
+      const uint8_t* m = mask + n * O;
+      for (int64_t w = 0; w < nw; ++w) _mm256_storeu_ps(words.data() + 8 * w, keep8(m + 8 * w, O - 8 * w));
+      for (const int64_t end = std::min(e, i + P - p); i < end; ++i) {
+        char* row = yb + i * O * es;
+        const char* rrow = RES > 0 ? rb + i * O * es : nullptr;
+        for (int64_t w = 0; w < nw; ++w) {
+          vec(row + 8 * w * es, RES > 0 ? rrow + 8 * w * es : nullptr, _mm256_loadu_ps(words.data() + 8 * w),
+              O - 8 * w);
+        }
+      }
+    }
+    return;
+  }
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t i = b; i < e; ++i) {
+    char* plane = yb + i * P * es;
+    const char* rplane = RES > 0 ? rb + i * P * es : nullptr;
+    const __m256 keep = mask[i] != 0 ? all : zero;
+    for (int64_t j = 0; j < P; j += 8) vec(plane + j * es, RES > 0 ? rplane + j * es : nullptr, keep, P - j);
+  }
+}
+#endif
+
+#if ENGINE_ISA >= 1
 template <Elem T>
 void mask_epilogue_of(char* yb, const uint8_t* mask, int64_t O, int64_t P, bool nhwc, bool relu, const char* rb,
                       bool residual_relu, int64_t b, int64_t e) {
@@ -843,7 +962,7 @@ void mask_epilogue(void* y, Elem t, const uint8_t* mask, int64_t O, int64_t P, b
                    const void* residual, bool residual_relu, int64_t b, int64_t e) {
   char* yb = static_cast<char*>(y);
   const char* rb = static_cast<const char*>(residual);
-#if ENGINE_ISA >= 2
+#if ENGINE_ISA >= 1
   switch (t) {
     case Elem::f32: return mask_epilogue_of<Elem::f32>(yb, mask, O, P, nhwc, relu, rb, residual_relu, b, e);
     case Elem::bf16: return mask_epilogue_of<Elem::bf16>(yb, mask, O, P, nhwc, relu, rb, residual_relu, b, e);
@@ -905,6 +1024,30 @@ void channel_means_nhwc(const char* xs, Elem t, int64_t C, int64_t P, int64_t c0
   for (int v = 0; v < 2 * NV; ++v) _mm512_store_pd(sums + 8 * v, _mm512_add_pd(acc[0][v], acc[1][v]));
   for (int64_t c = 0; c < nc; ++c) z[c] = static_cast<float>(sums[c] / P);
 }
+#elif ENGINE_ISA == 1
+// AVX2: NHWC rows, channels [c0, c0 + nc) (nc <= 8 NV), 8 channels a vector
+// widened to two vectors of 4 doubles, the 4 NV sums in registers (NV <= 4:
+// 8 of the 16 ymm registers).
+template <int NV>
+void channel_means_nhwc(const char* xs, Elem t, int64_t C, int64_t P, int64_t c0, int64_t nc, float* z) {
+  const int64_t es = elem_bytes(t);
+  __m256d acc[2 * NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < 2 * NV; ++v) acc[v] = _mm256_setzero_pd();
+  for (int64_t p = 0; p < P; ++p) {
+    const char* row = xs + (p * C + c0) * es;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m256 f = load8(row + 8 * v * es, t, nc - 8 * v);
+      acc[2 * v] = _mm256_add_pd(acc[2 * v], _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+      acc[2 * v + 1] = _mm256_add_pd(acc[2 * v + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    }
+  }
+  alignas(32) double sums[8 * NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < 2 * NV; ++v) _mm256_store_pd(sums + 4 * v, acc[v]);
+  for (int64_t c = 0; c < nc; ++c) z[c] = static_cast<float>(sums[c] / P);
+}
 #endif
 
 void channel_means(const void* x, Elem t, int64_t C, int64_t P, bool nhwc, int64_t n, int64_t c0, int64_t c1,
@@ -945,6 +1088,41 @@ void channel_means(const void* x, Elem t, int64_t C, int64_t P, bool nhwc, int64
     }
     const double sum = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
     z[n * C + c] = static_cast<float>(sum / P);
+  }
+#elif ENGINE_ISA == 1
+  if (nhwc) {
+    for (int64_t b = c0; b < c1; b += 32) {  // 32 channels a pass over the rows (registers, see above)
+      const int64_t nc = std::min<int64_t>(32, c1 - b);
+      float* zb = z + n * C + b;
+      switch ((nc + 7) / 8) {
+        case 1: channel_means_nhwc<1>(xs, t, C, P, b, nc, zb); break;
+        case 2: channel_means_nhwc<2>(xs, t, C, P, b, nc, zb); break;
+        case 3: channel_means_nhwc<3>(xs, t, C, P, b, nc, zb); break;
+        default: channel_means_nhwc<4>(xs, t, C, P, b, nc, zb); break;
+      }
+    }
+    return;
+  }
+  // Planes of P positions: four vectors of 4 double partial sums each.
+  for (int64_t c = c0; c < c1; ++c) {
+    const char* plane = xs + c * P * es;
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(), a3 = _mm256_setzero_pd();
+    int64_t p = 0;
+    for (; p + 16 <= P; p += 16) {
+      const __m256 f0 = load8(plane + p * es, t, 8), f1 = load8(plane + (p + 8) * es, t, 8);
+      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(f0)));
+      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(f0, 1)));
+      a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(f1)));
+      a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(f1, 1)));
+    }
+    for (; p < P; p += 8) {
+      const __m256 f = load8(plane + p * es, t, P - p);
+      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    }
+    alignas(32) double q[4];
+    _mm256_store_pd(q, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+    z[n * C + c] = static_cast<float>(((q[0] + q[1]) + (q[2] + q[3])) / P);
   }
 #else
   for (int64_t c = c0; c < c1; ++c) {
