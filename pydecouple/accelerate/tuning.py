@@ -241,12 +241,17 @@ def measure_crossover(layer: AccelConv, shape: _Shape, fractions: Sequence[float
         x = x.to(shape.dtype).contiguous(memory_format=fmt)
         *gate, z = [t.float().contiguous() for t in _mask_gate(out_mask, c)]
         kept = float(out_mask.float().mean()) * (float(in_mask.float().mean()) if in_mask is not None else 1.0)
-        args = (x, in_mask, weight, bias, *gate, list(layer.stride), list(layer.pad4), list(layer.dilation),
-                layer.relu, residual, residual is not None)
+        args = (x, in_mask, weight, bias, tuple(gate), list(layer.stride), list(layer.pad4), list(layer.dilation),
+                1, layer.relu, residual, residual is not None)
         cases.append((kept, args, z, out_mask))
 
     def call(args, z, dense_above):
-        return torch.ops.pydecouple.accel_conv_cpu(*args, dense_above, z, False)
+        # Through the dispatcher's own entry, with the route pinned by the
+        # threshold (-1: dense for every fraction, 2: the kernel for every one).
+        out = _backend.run_gated_layer(*args, backend=_backend.AUTO, x_means=z, dense_above=dense_above)
+        if out is None:
+            raise RuntimeError("measure_crossover: the fused CPU layer cannot run here (extension not built?)")
+        return out
 
     with torch.no_grad():
         for kept, args, z, out_mask in cases:  # the gate must give the intended mask, or the timing means nothing
