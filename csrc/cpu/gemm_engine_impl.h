@@ -226,6 +226,58 @@ inline __m256 keep8(const uint8_t* m, int64_t n) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, _mm256_setzero_si256()));
 }
+
+// AVX2 has no vcompressps / vexpandps: per 8-bit lane mask, vpermps indices
+// that do the same. compress[b]: lane k takes the k-th set lane of b;
+// expand[b]: set lane j takes the element counted by the set lanes below j;
+// lanes[b]: the lane mask of b.
+struct LaneTables {
+  __m256i compress[256], expand[256];
+  __m256 lanes[256];
+};
+
+inline const LaneTables& lane_tables() {
+  static const LaneTables t = [] {
+    LaneTables l;
+    for (int b = 0; b < 256; ++b) {
+      alignas(32) int32_t comp[8] = {}, exp[8] = {}, lanes[8] = {};
+      for (int j = 0, k = 0; j < 8; ++j) {
+        if (b >> j & 1) {
+          comp[k] = j;
+          exp[j] = k++;
+          lanes[j] = -1;
+        }
+      }
+      l.compress[b] = _mm256_load_si256(reinterpret_cast<const __m256i*>(comp));
+      l.expand[b] = _mm256_load_si256(reinterpret_cast<const __m256i*>(exp));
+      l.lanes[b] = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
+    }
+    return l;
+  }();
+  return t;
+}
+
+// The 8 lanes of 16-lane mask words `bits` that hold lanes [8 i, 8 i + 8).
+inline unsigned byte_of(const uint16_t* bits, int64_t i) { return (bits[i >> 1] >> (8 * (i & 1))) & 0xffu; }
+
+// 8 x 8 transpose: r[i] holds row i on entry, column i on exit.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
 #endif
 
 // ----------------------------------------------------------------------------- gather_input
@@ -293,6 +345,39 @@ void gather_input(const void* x, Elem xt, Elem ct, int64_t sC, int64_t sH, int64
     }
     for (int64_t p = 0; p < HW; ++p)
       for (int64_t j = ki; j < kip; ++j) store_elem(xg, p * kip + j, ct2, 0.0f);
+    return;
+  }
+#elif ENGINE_ISA == 1
+  if (sC == 1 && ct == Elem::f32) {
+    // Channels contiguous (NHWC): each position's kept channels, 8 at a time,
+    // moved to the front of a vector by the compress index and stored whole
+    // (the lanes past the kept ones are overwritten by the next store, or
+    // by the row's zero padding; only a store that would leave the row is
+    // masked).
+    const LaneTables& lt = lane_tables();
+    const int64_t nchunk = (s.C + 7) / 8;
+    const int64_t es = elem_bytes(xt);
+    float* xf = static_cast<float*>(xg);
+    for (int64_t h = 0; h < s.H; ++h) {
+      for (int64_t w = 0; w < s.W; ++w) {
+        const char* src = static_cast<const char*>(x) + (h * sH + w * sW) * es;
+        float* dst = xf + (h * s.W + w) * kip;
+        int64_t off = 0;
+        for (int64_t i = 0; i < nchunk; ++i) {
+          const unsigned keep = byte_of(in_bits, i);
+          if (!keep) continue;
+          const int cnt = __builtin_popcount(keep);
+          const __m256 v = _mm256_permutevar8x32_ps(load8(src + 8 * i * es, xt, s.C - 8 * i), lt.compress[keep]);
+          if (off + 8 <= kip) {
+            _mm256_storeu_ps(dst + off, v);
+          } else {
+            _mm256_maskstore_ps(dst + off, tail8(cnt), v);
+          }
+          off += cnt;
+        }
+        for (int64_t j = ki; j < kip; ++j) dst[j] = 0.0f;
+      }
+    }
     return;
   }
 #endif
@@ -752,6 +837,39 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
       }
       return;
     }
+#elif ENGINE_ISA == 1
+    if (write_deselected) {
+      // As above, 8 lanes a vector: the kept values of a word loaded (only
+      // as many as it keeps), moved to their lanes by the expand index.
+      const LaneTables& lt = lane_tables();
+      const int64_t nchunk = (s.O + 7) / 8;
+      const __m256 zero = _mm256_setzero_ps();
+      for (int64_t r = 0; r < M; ++r) {
+        char* row = out + (p0 + r) * s.O * es;
+        const char* rrow = res ? res + (p0 + r) * s.O * es : nullptr;
+        const float* cr = c + r * ldc;
+        int64_t off = 0;
+        for (int64_t i = 0; i < nchunk; ++i) {
+          const unsigned keep = byte_of(kf.bits, i);
+          const int64_t n = s.O - 8 * i;
+          __m256 v = zero;
+          if (keep) {
+            const int cnt = __builtin_popcount(keep);
+            v = _mm256_permutevar8x32_ps(_mm256_maskload_ps(cr + off, tail8(cnt)), lt.expand[keep]);
+            if (bias) v = _mm256_add_ps(v, load8(bias + 8 * i, Elem::f32, n));
+            v = _mm256_and_ps(v, lt.lanes[keep]);
+            off += cnt;
+          }
+          if (e.relu) v = _mm256_max_ps(v, zero);
+          if (rrow) {
+            v = _mm256_add_ps(v, load8(rrow + 8 * i * es, ot, n));
+            if (e.residual_relu) v = _mm256_max_ps(v, zero);
+          }
+          store8(row + 8 * i * es, ot, v, n);
+        }
+      }
+      return;
+    }
 #endif
     for (int64_t r = 0; r < M; ++r) {
       char* row = out + (p0 + r) * s.O * es;
@@ -786,7 +904,15 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
         std::memset(dst, 0, M * es);
       } else {
         const char* src = res + (o * s.P + p0) * es;
+#if ENGINE_ISA == 1
+        for (int64_t r = 0; r < M; r += 8) {
+          __m256 v = load8(src + r * es, ot, M - r);
+          if (e.residual_relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+          store8(dst + r * es, ot, v, M - r);
+        }
+#else
         for (int64_t r = 0; r < M; ++r) store_elem(dst, r, ot, deselected(load_elem(src, r, ot)));
+#endif
       }
     }
   }
@@ -819,6 +945,34 @@ void epilogue(const float* c, int64_t ldc, int64_t M, int64_t p0, const KeptFilt
           if (e.residual_relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
         }
         store16(out + at, ot, v, rm);
+      }
+    }
+  }
+#elif ENGINE_ISA == 1
+  // 8 positions x 8 kept filters, transposed in registers.
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t m0 = c0; m0 < c1; m0 += 8) {
+    const int64_t nm = std::min<int64_t>(8, c1 - m0);
+    alignas(32) float bb[8] = {};
+    if (bias)
+      for (int64_t i = 0; i < nm; ++i) bb[i] = bias[kf.idx[m0 + i]];
+    const __m256 bvec = _mm256_load_ps(bb);
+    for (int64_t r0 = 0; r0 < M; r0 += 8) {
+      const int64_t nr = std::min<int64_t>(8, M - r0);
+      __m256 t[8];
+      for (int64_t r = 0; r < 8; ++r) {
+        t[r] = r < nr ? _mm256_add_ps(_mm256_maskload_ps(c + (r0 + r) * ldc + (m0 - c0), tail8(nm)), bvec) : zero;
+        if (e.relu) t[r] = _mm256_max_ps(t[r], zero);
+      }
+      transpose8(t);
+      for (int64_t i = 0; i < nm; ++i) {
+        const int64_t at = (kf.idx[m0 + i] * s.P + p0 + r0) * es;
+        __m256 v = t[i];
+        if (res) {
+          v = _mm256_add_ps(v, load8(res + at, ot, nr));
+          if (e.residual_relu) v = _mm256_max_ps(v, zero);
+        }
+        store8(out + at, ot, v, nr);
       }
     }
   }
