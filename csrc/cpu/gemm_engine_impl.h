@@ -411,6 +411,25 @@ inline void copy_row(char* dst, const char* src, int64_t bytes) {
     const __mmask64 m = bytes - i >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (bytes - i)) - 1);
     _mm512_mask_storeu_epi8(dst + i, m, _mm512_maskz_loadu_epi8(m, src + i));
   }
+#elif ENGINE_ISA == 1
+  // No byte masks in AVX2: the tail is one more full-width move that ends at
+  // the row's end and overlaps what was already copied (same bytes again).
+  if (bytes >= 32) {
+    int64_t i = 0;
+    for (; i + 32 <= bytes; i += 32)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    if (i < bytes)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + bytes - 32),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + bytes - 32)));
+  } else if (bytes >= 16) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + bytes - 16));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + bytes - 16), hi);
+  } else {
+    std::memcpy(dst, src, bytes);
+  }
 #else
   std::memcpy(dst, src, bytes);
 #endif
@@ -423,6 +442,18 @@ inline void zero_row(char* dst, int64_t bytes) {
   if (i < bytes) {
     const __mmask64 m = (__mmask64{1} << (bytes - i)) - 1;
     _mm512_mask_storeu_epi8(dst + i, m, _mm512_setzero_si512());
+  }
+#elif ENGINE_ISA == 1
+  if (bytes >= 32) {
+    const __m256i z = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= bytes; i += 32) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), z);
+    if (i < bytes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + bytes - 32), z);
+  } else if (bytes >= 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_setzero_si128());
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + bytes - 16), _mm_setzero_si128());
+  } else {
+    std::memset(dst, 0, bytes);
   }
 #else
   std::memset(dst, 0, bytes);
@@ -450,15 +481,24 @@ inline void im2col_rows(const char* xg, const ConvShape& s, int64_t row, int64_t
 
 void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t p0, int64_t M, char* a) {
   const int64_t row = kip * es;
-#if ENGINE_ISA >= 2
+#if ENGINE_ISA >= 1
   // Rows of exactly 16, 32 or 64 bytes (4-16 float32 channels, 8-32
-  // bfloat16): plain loads and stores of that width; other rows up to 64
-  // bytes: one masked load and store, the mask made once.
+  // bfloat16): plain loads and stores of that width; under AVX-512, other
+  // rows up to 64 bytes: one masked load and store, the mask made once.
   switch (row) {
     case 64:
+#if ENGINE_ISA >= 2
       return im2col_rows(xg, s, row, p0, M, a, [](char* dst, const char* src) {
         _mm512_storeu_si512(dst, src ? _mm512_loadu_si512(src) : _mm512_setzero_si512());
       });
+#else
+      return im2col_rows(xg, s, row, p0, M, a, [](char* dst, const char* src) {
+        auto* d = reinterpret_cast<__m256i*>(dst);
+        const auto* q = reinterpret_cast<const __m256i*>(src);
+        _mm256_storeu_si256(d, src ? _mm256_loadu_si256(q) : _mm256_setzero_si256());
+        _mm256_storeu_si256(d + 1, src ? _mm256_loadu_si256(q + 1) : _mm256_setzero_si256());
+      });
+#endif
     case 32:
       return im2col_rows(xg, s, row, p0, M, a, [](char* dst, const char* src) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
@@ -471,6 +511,8 @@ void im2col(const char* xg, const ConvShape& s, int64_t kip, int64_t es, int64_t
       });
     default: break;
   }
+#endif
+#if ENGINE_ISA >= 2
   if (row < 64) {
     const __mmask64 m = (__mmask64{1} << row) - 1;
     return im2col_rows(xg, s, row, p0, M, a, [m](char* dst, const char* src) {
