@@ -69,5 +69,14 @@ def current_path() -> Optional[str]:
     return cpu_info()["path"]
 
 
+def has_bfloat16_dot() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX):
+    without either, bfloat16 is widened to float32 in every kernel, ours and
+    oneDNN's, and runs slower than float32 (oneDNN's dense bfloat16 conv took
+    ~9x float32's time on AMD EPYC Zen 1, benchmarks/results/model_suite_zen1.md)."""
+    features = cpu_info()["features"]
+    return "avx512_bf16" in features or "amx_bf16" in features
+
+
 def requested() -> Optional[str]:
     return os.environ.get(ENV_VAR) or None

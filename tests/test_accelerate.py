@@ -193,6 +193,24 @@ def test_forced_backend_goes_through_the_op(monkeypatch):
     assert {m.backend for _, m in accel_layers(accel)} == {"reference"}
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_warns_on_a_cpu_that_widens_it(monkeypatch, native):
+    """A CPU without AVX512_BF16 or AMX runs bfloat16 slower than float32:
+    accelerate(dtype=bfloat16) says so there, and only there."""
+    import warnings
+
+    from pydecouple import isa
+
+    monkeypatch.setattr(isa, "has_bfloat16_dot", lambda: native)
+    model, _ = make_model("small_vgg", 3, 16, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        accelerate(model, dtype=torch.bfloat16)
+        accelerate(model)  # float32 never warns
+    said = [str(w.message) for w in caught if "bfloat16 dot product" in str(w.message)]
+    assert len(said) == (0 if native else 1), said
+
+
 @pytest.mark.parametrize("arch", ["small_vgg", "resnet20"])
 def test_all_gates_on_equals_dense(arch):
     dense = build(arch)

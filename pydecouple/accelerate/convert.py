@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 
-from .. import _backend
+from .. import _backend, isa
 from ..nn.gate import ArchitectureControl
 from ..nn.graph import ZERO_PRESERVING, trace_dataflow
 from ..nn.modules import BasicBlock, Bottleneck, GatedBatchNorm2d, GatedConv2d
@@ -311,6 +312,11 @@ def accelerate(model: nn.Module, *, use_kernel: bool = True, verbose: bool = Fal
             # cached answers only.
             _backend.explain(p)
         break
+    if dtype == torch.bfloat16 and all(p.is_cpu for p in model.parameters()) and not isa.has_bfloat16_dot():
+        warnings.warn("accelerate(dtype=torch.bfloat16): this CPU has no bfloat16 dot product (neither AVX512_BF16 "
+                      f"nor AMX; features: {','.join(isa.cpu_info()['features']) or 'none'}), so bfloat16 is widened "
+                      "to float32 in every conv, dense ones included, and runs slower than float32 here: leave "
+                      "dtype=None for speed", stacklevel=2)
     was_training = model.training
     model.eval()
     try:
