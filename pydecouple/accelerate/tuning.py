@@ -31,6 +31,8 @@ left as it is.
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -86,13 +88,28 @@ def _cpu_identity() -> str:
             f"model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}")
 
 
+@functools.lru_cache(maxsize=1)
+def _extension_identity() -> str:
+    """A digest of the compiled extension's file: a rebuilt kernel (a new
+    commit, other compiler flags) makes earlier crossovers stale, and the
+    package version does not change with every build."""
+    try:
+        from .. import _C
+
+        with open(_C.__file__, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()[:12]
+    except Exception:  # noqa: BLE001  (no extension: nothing is tuned anyway)
+        return "none"
+
+
 def machine_fingerprint() -> str:
     """What a crossover depends on besides the layer: the CPU, the kernel's
-    instruction-set path in use, the thread count, torch and pydecouple."""
+    instruction-set path in use, the thread count, torch, pydecouple and the
+    build of its extension."""
     from .. import __version__, isa
 
     return (f"{_cpu_identity()} | path {isa.current_path()} | threads {torch.get_num_threads()} | "
-            f"torch {torch.__version__} | pydecouple {__version__}")
+            f"torch {torch.__version__} | pydecouple {__version__} | build {_extension_identity()}")
 
 
 @dataclass(frozen=True)
